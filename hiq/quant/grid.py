@@ -1,0 +1,278 @@
+"""Asymmetric uniform (min-max) weight quantization with an integer zero point.
+
+A weight matrix ``W`` of shape ``(out_features, in_features)`` is quantized either
+
+* per output channel (``group_size=None``): one ``(scale, zero)`` pair per row, or
+* per group (``group_size=g``): one pair per run of ``g`` consecutive input columns of a row,
+  so the parameters have shape ``(out_features, in_features // g)``.
+
+For ``b`` bits the integer grid is ``0 .. qmax`` with ``qmax = 2**b - 1`` and
+
+    codes = clamp(round(w / scale) + zero, 0, qmax)
+    w_hat = scale * (codes - zero)
+
+Scales and zero points are always computed in float32, whatever the weight dtype.  Zero points
+are returned as float32 tensors holding integer values (convenient for arithmetic); codes are
+``torch.uint8``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MIN_SCALE",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "QuantSpec",
+    "SpecLike",
+    "as_spec",
+    "check_bits",
+    "check_shape",
+    "dequantize",
+    "fake_quant_rtn",
+    "minmax_params",
+    "normalize_group_size",
+    "quantize",
+    "rtn",
+]
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+#: Lower bound for a scale.  Only reached by groups whose min-max range is (almost) zero, e.g. an
+#: all-zero group; every weight of such a group then maps to the zero point and dequantizes to 0.
+MIN_SCALE: float = 1e-10
+
+
+def _join(values: tuple[int, ...]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported weight bit width, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; choose one of {_join(SUPPORTED_BITS)}")
+    return bits
+
+
+def normalize_group_size(group_size: int | None) -> int | None:
+    """Map user input to a canonical group size.
+
+    ``None``, ``-1`` and ``0`` mean per output channel and are returned as ``None``; any other value
+    must be one of :data:`SUPPORTED_GROUP_SIZES`, otherwise ``ValueError`` is raised.
+    """
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(
+            f"group_size={group_size!r} is not supported; choose one of {_join(SUPPORTED_GROUP_SIZES)} "
+            "or None (-1/0) for per-channel"
+        )
+    if group_size in (-1, 0):
+        return None
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size} is not supported; choose one of {_join(SUPPORTED_GROUP_SIZES)} "
+            "or None (-1/0) for per-channel"
+        )
+    return group_size
+
+
+_SPEC_RE = re.compile(
+    r"""^w?(?P<bits>\d+)            # weight bits, optional leading 'w'
+        (?:a\d+)?                    # optional activation bits, e.g. 'a16' (ignored)
+        (?:[-_]?(?:g(?P<group>-?\d+)|per[-_]?channel|pc))?   # optional group / per-channel suffix
+        $""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bit width and grouping of an asymmetric uniform weight quantizer.
+
+    Args:
+        bits: weight bit width, one of :data:`SUPPORTED_BITS`.
+        group_size: number of consecutive input columns sharing a scale/zero point, one of
+            :data:`SUPPORTED_GROUP_SIZES`; ``None`` (or ``-1``/``0``, normalised to ``None``) means one
+            scale/zero per output channel (row).
+    """
+
+    bits: int
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        object.__setattr__(self, "group_size", normalize_group_size(self.group_size))
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        """True when there is one scale/zero point per output channel."""
+        return self.group_size is None
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``"W2 per-channel"`` or ``"W3 g128"``."""
+        suffix = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"W{self.bits} {suffix}"
+
+    def n_groups(self, in_features: int) -> int:
+        """Number of scale/zero pairs per row for a layer with ``in_features`` input columns."""
+        return 1 if self.group_size is None else in_features // self.group_size
+
+    @classmethod
+    def parse(cls, text: str | int | QuantSpec) -> QuantSpec:
+        """Build a spec from text such as ``"w2"``, ``"W3g128"``, ``"w4-g64"``, ``"W2A16g128"`` or ``"2"``.
+
+        ``"w3-per-channel"``/``"w3pc"`` and ``"w3g-1"`` are per-channel as well.  An ``int`` is taken as
+        the bit width (per-channel) and a ``QuantSpec`` is returned unchanged.
+        """
+        if isinstance(text, QuantSpec):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(text)
+        if not isinstance(text, str):
+            raise TypeError(f"cannot parse a QuantSpec from {type(text).__name__}")
+        cleaned = re.sub(r"\s+", "", text.strip().lower())
+        match = _SPEC_RE.match(cleaned)
+        if match is None:
+            raise ValueError(
+                f"cannot parse quantization spec {text!r}; expected e.g. 'w2', 'W3g128', 'w4-g64' or '2'"
+            )
+        group = match.group("group")
+        return cls(int(match.group("bits")), None if group is None else int(group))
+
+
+SpecLike = QuantSpec | str | int
+
+
+def as_spec(spec: SpecLike) -> QuantSpec:
+    """Coerce a :class:`QuantSpec`, a spec string (see :meth:`QuantSpec.parse`) or a bit width."""
+    return QuantSpec.parse(spec)
+
+
+def check_shape(weight: torch.Tensor, spec: SpecLike) -> tuple[int, int]:
+    """Validate that ``weight`` is a 2-D ``(out_features, in_features)`` matrix usable with ``spec``.
+
+    For grouped specs ``in_features`` must be divisible by the group size.  Returns
+    ``(out_features, in_features)``; raises ``ValueError`` otherwise.
+    """
+    spec = as_spec(spec)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"expected a 2-D weight of shape (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if out_features == 0 or in_features == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if spec.group_size is not None and in_features % spec.group_size != 0:
+        raise ValueError(
+            f"in_features={in_features} is not divisible by group_size={spec.group_size} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    return out_features, in_features
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View a float32 copy of ``weight`` as ``(out, n_groups, g)``."""
+    out_features, in_features = check_shape(weight, spec)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    g = in_features if spec.group_size is None else spec.group_size
+    return weight.detach().to(torch.float32).reshape(out_features, in_features // g, g)
+
+
+def _check_params(
+    scale: torch.Tensor, zero: torch.Tensor, out_features: int, in_features: int, spec: QuantSpec
+) -> None:
+    expected = (out_features, spec.n_groups(in_features))
+    for name, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {spec.label} on a ({out_features}, {in_features}) "
+                f"weight needs shape {expected}"
+            )
+
+
+def minmax_params(weight: torch.Tensor, spec: SpecLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point per row (per-channel) or per group of ``g`` consecutive columns.
+
+    For every row/group, ``lo = min(min(w), 0)`` and ``hi = max(max(w), 0)``: the range is widened to
+    contain 0, so **0 is always exactly representable** (the code equal to the zero point dequantizes
+    to exactly 0.0) and every weight lies inside the grid, hence round-to-nearest errs by at most
+    ``scale / 2``.  Then ``scale = max((hi - lo) / qmax, MIN_SCALE)`` (the floor only matters for
+    all-zero groups) and ``zero = clamp(round(-lo / scale), 0, qmax)``.
+
+    Computed in float32 whatever the weight dtype.
+
+    Returns:
+        ``(scale, zero)``, both float32 of shape ``(out_features, n_groups)`` (``n_groups = 1``
+        per-channel); ``zero`` holds integers in ``[0, qmax]``.
+    """
+    spec = as_spec(spec)
+    w = _grouped(weight, spec)
+    lo = w.amin(dim=-1).clamp(max=0.0)
+    hi = w.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / spec.qmax).clamp(min=MIN_SCALE)
+    zero = torch.round(-lo / scale).clamp(0, spec.qmax)
+    return scale, zero
+
+
+def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: SpecLike) -> torch.Tensor:
+    """Round ``weight`` to integer codes ``clamp(round(w / scale) + zero, 0, qmax)``.
+
+    ``scale`` and ``zero`` have shape ``(out_features, n_groups)`` and are broadcast over the ``g``
+    columns of each group.  Returns a ``torch.uint8`` tensor shaped like ``weight``.
+    """
+    spec = as_spec(spec)
+    w = _grouped(weight, spec)
+    out_features, in_features = weight.shape
+    _check_params(scale, zero, out_features, in_features, spec)
+    s = scale.to(device=w.device, dtype=torch.float32).unsqueeze(-1)
+    z = zero.to(device=w.device, dtype=torch.float32).unsqueeze(-1)
+    codes = (torch.round(w / s) + z).clamp_(0, spec.qmax)
+    return codes.to(torch.uint8).reshape(out_features, in_features)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: SpecLike,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Map integer codes back to weights: ``scale * (codes - zero)``, cast to ``dtype``.
+
+    The arithmetic is done in float32; only the result is cast.
+    """
+    spec = as_spec(spec)
+    out_features, in_features = check_shape(codes, spec)
+    _check_params(scale, zero, out_features, in_features, spec)
+    g = in_features if spec.group_size is None else spec.group_size
+    c = codes.to(torch.float32).reshape(out_features, in_features // g, g)
+    s = scale.to(device=c.device, dtype=torch.float32).unsqueeze(-1)
+    z = zero.to(device=c.device, dtype=torch.float32).unsqueeze(-1)
+    return (s * (c - z)).reshape(out_features, in_features).to(dtype)
+
+
+def rtn(weight: torch.Tensor, spec: SpecLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest quantization with min-max parameters: returns ``(codes, scale, zero)``."""
+    spec = as_spec(spec)
+    scale, zero = minmax_params(weight, spec)
+    return quantize(weight, scale, zero, spec), scale, zero
+
+
+def fake_quant_rtn(weight: torch.Tensor, spec: SpecLike) -> torch.Tensor:
+    """Quantize with :func:`rtn` and dequantize again; same shape, dtype and device as ``weight``."""
+    spec = as_spec(spec)
+    codes, scale, zero = rtn(weight, spec)
+    return dequantize(codes, scale, zero, spec, dtype=weight.dtype)
