@@ -1,0 +1,233 @@
+"""Load a Hugging Face causal LM and find its transformer blocks and their linear layers, generically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODELS = {"tiny-llama": BUNDLED_DIR / "tiny-llama"}
+DEFAULT_MODEL = "tiny-llama"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or loaded; the message names the path and what to do."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Bundled short names map to their directory; existing paths stay; hub ids pass through.
+
+    A string that looks like a filesystem path (``./x``, ``/x``, ``~/x``, or containing more than one
+    ``/``) and does not exist is an error here, before anything is downloaded or loaded.
+    """
+    if name_or_path in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[name_or_path]
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"bundled model {name_or_path!r} is missing at {path}; reinstall hiq")
+        return str(path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model path {str(path)!r} exists but has no config.json; point to a directory written by "
+                f"save_pretrained"
+            )
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or not _HUB_ID.match(name_or_path):
+        raise ModelLoadError(
+            f"model path {name_or_path!r} does not exist; give a save_pretrained directory, a hub id "
+            f"(e.g. meta-llama/Llama-2-7b-hf) or a bundled name ({', '.join(BUNDLED_MODELS)})"
+        )
+    return name_or_path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model_and_tokenizer(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` in eval mode on CPU (blocks move to a device later)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model_path(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r} ({err}). Offline (HF_HUB_OFFLINE=1) only local "
+            f"directories and cached hub ids load; bundled: {', '.join(BUNDLED_MODELS)}"
+        ) from err
+    model.eval()
+    return model, tokenizer
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the ``ModuleList`` with ``config.num_hidden_layers`` entries.
+
+    Works for LLaMA/Mistral/Qwen2 (``model.layers``), OPT (``model.decoder.layers``), GPT-2 style
+    (``transformer.h``) without a per-architecture table.
+    """
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
+    ]
+    if not candidates:
+        raise ValueError(f"could not find the transformer blocks of {type(model).__name__}: no ModuleList "
+                         f"of num_hidden_layers={n_layers} modules")
+    # The outermost such list (shortest name) is the block stack; nested lists are inside blocks.
+    return min(candidates, key=lambda item: item[0].count("."))[1]
+
+
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers inside one block, in registration order (q,k,v,o,gate,up,down for LLaMA)."""
+    return [(name, mod) for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def all_block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(block_index.name, linear)`` for every linear of every block; embeddings and head are excluded."""
+    return [
+        (f"{i}.{name}", lin) for i, block in enumerate(find_blocks(model)) for name, lin in block_linears(block)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block capture and replay
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded; nothing after it runs."""
+
+
+def to_device(obj, device: torch.device | str):
+    """Move tensors inside nested tuples/lists/dicts to ``device``; other objects are returned as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+class BlockInputs:
+    """The inputs of one block for every calibration batch: hidden states plus every other argument.
+
+    ``hidden[i]`` is batch i's hidden states (CPU); ``kwargs_for(i)`` its keyword arguments (attention mask,
+    position ids, ``position_embeddings``...). Keyword arguments identical across batches are stored once.
+    """
+
+    def __init__(self, hidden: list[torch.Tensor], kwargs: list[dict], kwargs_index: list[int]):
+        self.hidden = hidden
+        self._kwargs = kwargs
+        self._index = kwargs_index
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def kwargs_for(self, i: int) -> dict:
+        return self._kwargs[self._index[i]]
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """Same keyword arguments, new hidden states (a block's outputs become the next block's inputs)."""
+        if len(hidden) != len(self.hidden):
+            raise ValueError(f"expected {len(self.hidden)} hidden-state batches, got {len(hidden)}")
+        return BlockInputs(hidden, self._kwargs, self._index)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1, device: torch.device | str | None = None
+) -> BlockInputs:
+    """Run the model up to its first block for each batch of ``windows`` and record that call's arguments.
+
+    The hook records positional hidden states and *every* keyword argument, so a replay sees exactly what
+    the model's own forward passed (4-D masks, ``position_embeddings``...). Results are kept on CPU.
+    """
+    block0 = find_blocks(model)[0]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+    index: list[int] = []
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise RuntimeError(f"{type(module).__name__} got {len(args)} positional arguments; only the hidden "
+                               f"states are expected positionally")
+        seen["hidden"] = h.detach().to("cpu")
+        seen["kwargs"] = to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}, "cpu")
+        raise _StopForward
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            try:
+                model(batch, use_cache=False)
+            except _StopForward:
+                pass
+            else:  # pragma: no cover - the hook always fires for a decoder-only model
+                raise RuntimeError("the first transformer block was never called")
+            hidden.append(seen["hidden"])
+            for j, known in enumerate(kwargs_list):
+                if _same(known, seen["kwargs"]):
+                    index.append(j)
+                    break
+            else:
+                kwargs_list.append(seen["kwargs"])
+                index.append(len(kwargs_list) - 1)
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, kwargs_list, index)
+
+
+def run_block(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """One block's forward on cached inputs; the output comes back on the input's device."""
+    device = torch.device(device) if device is not None else next(block.parameters()).device
+    out = block(hidden.to(device), **to_device(kwargs, device))
+    if isinstance(out, tuple):  # older transformers and some architectures return (hidden, ...)
+        out = out[0]
+    return out.to(hidden.device)
+
+
+@torch.no_grad()
+def block_outputs(
+    block: nn.Module, inputs: BlockInputs, device: torch.device | str | None = None
+) -> list[torch.Tensor]:
+    """``run_block`` over every cached batch."""
+    return [run_block(block, h, inputs.kwargs_for(i), device) for i, h in enumerate(inputs.hidden)]

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+from hiq.model import ModelLoadError, all_block_linears, block_linears, find_blocks, resolve_model_path
+
+LLAMA_ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def test_missing_model_path_names_it(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="no-such-model.*does not exist"):
+        resolve_model_path(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+
+
+def test_hub_ids_pass_through_and_bundled_name_resolves():
+    assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert resolve_model_path("tiny-llama").endswith("tiny-llama")
+
+
+def test_bundled_model_blocks_and_linears(tiny):
+    model, _ = tiny
+    blocks = find_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    assert [n for n, _ in block_linears(blocks[0])] == LLAMA_ORDER
+    names = [n for n, _ in all_block_linears(model)]
+    assert len(names) == 7 * len(blocks) and "lm_head" not in " ".join(names)
+
+
+def _tiny_config(kind):
+    from transformers import AutoConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
+    if kind == "opt":
+        return AutoConfig.for_model("opt", ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64,
+                                    **common)
+    return AutoConfig.for_model(kind, intermediate_size=128, num_key_value_heads=2, **common)
+
+
+@pytest.mark.parametrize("kind,n_linear", [("llama", 7), ("mistral", 7), ("qwen2", 7), ("opt", 6)])
+def test_block_discovery_is_generic(kind, n_linear):
+    """Structure only (random weights, no quality claim): blocks and their linears are found for each layout."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind))
+    blocks = find_blocks(model)
+    assert len(blocks) == 3
+    linears = block_linears(blocks[0])
+    assert len(linears) == n_linear and all(isinstance(m, nn.Linear) for _, m in linears)
