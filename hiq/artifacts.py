@@ -1,0 +1,61 @@
+"""The run directory: every artifact is written atomically (temporary file, then ``os.replace``), so a run
+that stops anywhere leaves only complete files behind and a restart can trust what it finds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_json(path: str | Path, payload: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def load_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path: str | Path, payload: dict) -> None:
+    """``torch.save`` of plain containers of tensors/numbers/strings, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunDir:
+    """Names of the artifacts inside one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def fisher(self) -> Path:
+        return self.root / "fisher.pt"
+
+    def sensitivity(self, block: int) -> Path:
+        return self.root / "sensitivity" / f"block_{block:02d}.pt"
+
+    @property
+    def ratios(self) -> Path:
+        return self.root / "ratios.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"

@@ -1,0 +1,177 @@
+"""The matrix M of paper Eq. 7-8, measured per transformer block on cached block inputs.
+
+Block reconstruction loss ``L(Δ) = (1/N) Σ_n ||f_block(X_n; W+Δ) - f_block(X_n; W)||_F²`` (paper Eq. 3,
+N calibration samples). ``Δ_{l,m}`` is the mixed-precision RTN error of layer l with its top ``B_m`` columns
+(by Fisher score) at ``bits_high`` and the rest at ``bits_low`` (:func:`hiq.quant.mixed.mixed_fake_quant`).
+
+* diagonal ``M[(l,m),(l,m)] = 2·L(Δ_{l,m})``
+* same block, ``l1 ≠ l2``: ``M[(l1,m1),(l2,m2)] = L(Δ_{l1,m1}+Δ_{l2,m2}) − L(Δ_{l1,m1}) − L(Δ_{l2,m2})``
+* different blocks: 0 (so M is stored per block).
+
+Index of (layer l, candidate m) inside a block: ``l * K + m``. Per LLaMA block with K=5: 35 single and
+525 pair evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hiq.model import BlockInputs, block_linears, run_block
+from hiq.quant.mixed import mixed_fake_quant
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    candidates: tuple[float, ...] = (0.02, 0.05, 0.10, 0.15, 0.20)
+    bits_low: int = 2
+    bits_high: int = 3
+    group_size: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"candidates": list(self.candidates), "bits_low": self.bits_low, "bits_high": self.bits_high,
+                "group_size": self.group_size}
+
+
+@contextlib.contextmanager
+def swapped_weights(replacements: dict[nn.Linear, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give linears new weights; the originals are restored bit-exactly afterwards."""
+    saved = {lin: lin.weight.data for lin in replacements}
+    try:
+        for lin, w in replacements.items():
+            lin.weight.data = w
+        yield
+    finally:
+        for lin, w in saved.items():
+            lin.weight.data = w
+
+
+class BlockLoss:
+    """``L(Δ)`` for one block: squared distance of its outputs to the full-precision outputs, mean over samples."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, device: torch.device | str | None = None):
+        self.block = block
+        self.inputs = inputs
+        self.device = device
+        self.n_samples = sum(h.shape[0] for h in inputs.hidden)
+        self.targets = self._outputs()
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def _outputs(self) -> list[torch.Tensor]:
+        return [run_block(self.block, h, self.inputs.kwargs_for(i), self.device).float()
+                for i, h in enumerate(self.inputs.hidden)]
+
+    @torch.no_grad()
+    def __call__(self, replacements: dict[nn.Linear, torch.Tensor]) -> float:
+        total = 0.0
+        with swapped_weights(replacements):
+            for i, h in enumerate(self.inputs.hidden):
+                out = run_block(self.block, h, self.inputs.kwargs_for(i), self.device).float()
+                total += (out - self.targets[i]).pow(2).sum().item()
+        self.evaluations += 1
+        return total / self.n_samples
+
+
+def quantized_candidates(
+    block: nn.Module, scores: dict[str, torch.Tensor], settings: SensitivitySettings
+) -> tuple[list[str], list[nn.Linear], list[list[torch.Tensor]]]:
+    """For every linear of the block and every candidate ratio, the mixed-precision fake-quantised weight."""
+    names, linears, weights = [], [], []
+    for name, lin in block_linears(block):
+        if name not in scores:
+            raise KeyError(f"no impact scores for layer {name!r} (have {sorted(scores)[:4]}...)")
+        names.append(name)
+        linears.append(lin)
+        weights.append([
+            mixed_fake_quant(lin.weight.data, scores[name], r, settings.bits_high, settings.bits_low,
+                             settings.group_size).to(lin.weight.dtype)
+            for r in settings.candidates
+        ])
+    return names, linears, weights
+
+
+def measure_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    scores: dict[str, torch.Tensor],
+    settings: SensitivitySettings,
+    device: torch.device | str | None = None,
+    on_eval: Callable[[], None] | None = None,
+) -> dict:
+    """M for one block (float64, (L*K, L*K)) plus the single losses and cost figures."""
+    t0 = time.time()
+    names, linears, weights = quantized_candidates(block, scores, settings)
+    n_layers, k = len(names), len(settings.candidates)
+    loss = BlockLoss(block, inputs, device)
+    single = torch.zeros(n_layers, k, dtype=torch.float64)
+    for l_idx, m in itertools.product(range(n_layers), range(k)):
+        single[l_idx, m] = loss({linears[l_idx]: weights[l_idx][m]})
+        if on_eval:
+            on_eval()
+    size = n_layers * k
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for l_idx, m in itertools.product(range(n_layers), range(k)):
+        matrix[l_idx * k + m, l_idx * k + m] = 2.0 * single[l_idx, m]
+    for l1, l2 in itertools.combinations(range(n_layers), 2):
+        for m1, m2 in itertools.product(range(k), range(k)):
+            pair = loss({linears[l1]: weights[l1][m1], linears[l2]: weights[l2][m2]})
+            value = pair - single[l1, m1] - single[l2, m2]
+            matrix[l1 * k + m1, l2 * k + m2] = value
+            matrix[l2 * k + m2, l1 * k + m1] = value
+            if on_eval:
+                on_eval()
+    return {
+        "layers": names,
+        "matrix": matrix,
+        "single_losses": single,
+        "settings": settings.to_dict(),
+        "evaluations": loss.evaluations,
+        "samples": loss.n_samples,
+        "seconds": time.time() - t0,
+    }
+
+
+def quadratic_fidelity(
+    block: nn.Module,
+    inputs: BlockInputs,
+    scores: dict[str, torch.Tensor],
+    settings: SensitivitySettings,
+    matrix: torch.Tensor,
+    n_assignments: int = 50,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict:
+    """How well δᵀMδ/2 predicts the measured block loss when all layers are perturbed together.
+
+    Draws ``n_assignments`` random per-layer candidate choices; returns the Spearman rank correlation between
+    the prediction and the measurement, and both series.
+    """
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+    _, linears, weights = quantized_candidates(block, scores, settings)
+    n_layers, k = len(linears), len(settings.candidates)
+    loss = BlockLoss(block, inputs, device)
+    rng = random.Random(seed)
+    predicted, measured = [], []
+    for _ in range(n_assignments):
+        choice = [rng.randrange(k) for _ in range(n_layers)]
+        delta = torch.zeros(n_layers * k, dtype=torch.float64)
+        delta[[l_idx * k + m for l_idx, m in enumerate(choice)]] = 1.0
+        predicted.append(0.5 * float(delta @ matrix @ delta))
+        measured.append(loss({linears[i]: weights[i][m] for i, m in enumerate(choice)}))
+    p, m = torch.tensor(predicted), torch.tensor(measured)
+    return {
+        "spearman": float(spearman_corrcoef(p, m)),
+        "pearson": float(pearson_corrcoef(p, m)),
+        "predicted": predicted,
+        "measured": measured,
+        "n_assignments": n_assignments,
+    }

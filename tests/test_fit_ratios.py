@@ -1,0 +1,78 @@
+"""`hiq fit` end to end for Algorithm 1 on the bundled model (small calibration so it runs in seconds)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from hiq.cli import main
+
+SMALL = {
+    "model": {"model_path": "tiny-llama", "bits_low": 2, "bits_high": 3, "candidates": [0.05, 0.2],
+              "target_avg_bits": 2.1},
+    "data": {"dataset": "wikitext2", "split": "train", "nsamples": 4, "seqlen": 64, "seed": 0},
+    "trainer": {
+        "accelerator": "cpu",
+        "callbacks": [
+            {"class_path": "hiq.callbacks.FisherCallback"},
+            {"class_path": "hiq.callbacks.SensitivityCallback",
+             "init_args": {"nsamples": 2, "fidelity_assignments": 6}},
+            {"class_path": "hiq.callbacks.RatioSolverCallback", "init_args": {"mode": "optimal"}},
+            {"class_path": "hiq.callbacks.PlotCallback"},
+        ],
+    },
+}
+
+
+def _config(tmp_path, **model):
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["model"].update(model)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_writes_every_artifact_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    cfg = _config(tmp_path)
+    assert main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"]) == 0
+    ratios = json.loads((run / "ratios.json").read_text())
+    assert len(ratios["layers"]) == 56 and ratios["mode"] == "optimal"
+    assert ratios["achieved_avg_bits"] <= 2.1 + 1e-9 and ratios["status"] == "Optimal"
+    assert {x["ratio"] for x in ratios["layers"]} <= {0.05, 0.2}
+    fisher = torch.load(run / "fisher.pt", weights_only=True)
+    assert fisher["samples"] == 4 and len(fisher["scores"]) == 56
+    blocks = sorted((run / "sensitivity").glob("block_*.pt"))
+    assert len(blocks) == 8
+    m0 = torch.load(blocks[0], weights_only=True)
+    assert m0["matrix"].shape == (14, 14) and m0["evaluations"] == 14 + 21 * 4
+    assert "spearman" in m0["fidelity"]
+    assert (run / "plots" / "fisher_channels.png").stat().st_size > 0
+    assert (run / "plots" / "ratios_by_layer.png").stat().st_size > 0
+
+    # a second run in the same directory reuses Fisher and M and gives the same ratios
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "fisher.pt", *blocks]}
+    assert main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((run / "ratios.json").read_text())["layers"] == ratios["layers"]
+
+
+def test_infeasible_budget_fails_before_any_heavy_work(tmp_path):
+    run = tmp_path / "run"
+    cfg = _config(tmp_path, target_avg_bits=2.01)
+    with pytest.raises(ValueError, match=r"target_avg_bits=2.01 is infeasible.*2\.050"):
+        main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"])
+    assert not (run / "fisher.pt").exists()
+
+
+def test_uniform_mode_needs_no_matrix(tmp_path):
+    run = tmp_path / "run"
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["trainer"]["callbacks"] = [{"class_path": "hiq.callbacks.RatioSolverCallback",
+                                    "init_args": {"mode": "uniform"}}]
+    path = tmp_path / "uniform.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), f"--trainer.default_root_dir={run}"]) == 0
+    ratios = json.loads((run / "ratios.json").read_text())
+    assert {x["ratio"] for x in ratios["layers"]} == {0.05}  # 0.2 would need 2.2 bits

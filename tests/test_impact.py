@@ -1,0 +1,48 @@
+import torch
+
+from hiq.impact import FisherAccumulator, fisher_scores
+from hiq.model import all_block_linears
+
+
+def _windows(ids, n=3, seqlen=48):
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def test_scores_equal_a_direct_per_sample_computation(tiny_copy, wikitext_test_ids):
+    model, _ = tiny_copy
+    windows = _windows(wikitext_test_ids)
+    scores = fisher_scores(model, windows)
+    name, lin = all_block_linears(model)[9]
+    expected = torch.zeros(lin.in_features, dtype=torch.float64)
+    for w in windows:
+        x = w.unsqueeze(0)
+        (g,) = torch.autograd.grad(model(x, labels=x).loss, lin.weight)
+        expected += g.double().pow(2).sum(0)
+    expected /= len(windows) * lin.out_features
+    torch.testing.assert_close(scores[name].double(), expected, rtol=1e-5, atol=0)
+    assert all(s.shape == (m.in_features,) and (s > 0).all() for (n, m), s in
+               zip(all_block_linears(model), scores.values(), strict=True))
+
+
+def test_gradients_are_freed_and_flags_restored(tiny_copy, wikitext_test_ids):
+    model, _ = tiny_copy
+    flags = [p.requires_grad for p in model.parameters()]
+    fisher_scores(model, _windows(wikitext_test_ids, n=1))
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_deterministic_and_sharded_sums_match_one_process(tiny_copy, wikitext_test_ids):
+    """Two 'ranks' holding half the samples each, summed, give the single-process scores (the DDP reduction)."""
+    model, _ = tiny_copy
+    windows = _windows(wikitext_test_ids, n=4)
+    one = fisher_scores(model, windows)
+    assert all(torch.equal(a, b) for a, b in zip(one.values(), fisher_scores(model, windows).values(), strict=True))
+    ranks = [FisherAccumulator(model) for _ in range(2)]
+    for r, acc in enumerate(ranks):
+        acc.accumulate(windows[r::2])
+    total = [torch.cat([*a.sums.values(), torch.tensor([float(a.samples)], dtype=torch.float64)]) for a in ranks]
+    for acc in ranks:
+        acc.reduce(lambda t: total[0] + total[1])
+    for name, score in ranks[0].scores().items():
+        torch.testing.assert_close(score, one[name], rtol=1e-6, atol=0)

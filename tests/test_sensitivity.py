@@ -1,0 +1,80 @@
+import itertools
+
+import pytest
+import torch
+
+from hiq.model import block_linears, capture_block_inputs, find_blocks
+from hiq.quant.grid import QuantSpec, fake_quant_rtn
+from hiq.quant.mixed import high_impact_count, mixed_fake_quant, split_columns
+from hiq.sensitivity import BlockLoss, SensitivitySettings, measure_block, quadratic_fidelity
+
+
+def test_mixed_split_uses_two_grids_and_the_top_columns():
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    scores = torch.rand(128)
+    q = mixed_fake_quant(w, scores, 0.2, bits_high=4, bits_low=2, group_size=None)
+    high, normal = split_columns(scores, 0.2)
+    assert high.numel() == high_impact_count(0.2, 128) == 25
+    assert set(high.tolist()) == set(torch.topk(scores, 25).indices.tolist())
+    for row in range(16):
+        assert q[row, high].unique().numel() <= 16 and q[row, normal].unique().numel() <= 4
+    assert torch.equal(mixed_fake_quant(w, scores, 0.0, 4, 2), fake_quant_rtn(w, QuantSpec(2)))
+
+
+def test_groups_never_mix_bit_widths_and_ragged_groups_work():
+    torch.manual_seed(1)
+    w = torch.randn(4, 128)
+    scores = torch.rand(128)
+    q = mixed_fake_quant(w, scores, 0.1, bits_high=3, bits_low=2, group_size=32)  # 12 high, 116 normal columns
+    high, normal = split_columns(scores, 0.1)
+    assert q[:, high].unique(dim=None).numel() <= 4 * 8  # one ragged group of 12 per row
+    part = q[:, normal]
+    for g in range(0, 116, 32):
+        for row in range(4):
+            assert part[row, g : g + 32].unique().numel() <= 4
+
+
+@pytest.fixture(scope="module")
+def block0(tiny, wikitext_test_ids):
+    model, _ = tiny
+    inputs = capture_block_inputs(model, wikitext_test_ids[: 2 * 64].view(2, 64))
+    scores = {name: torch.rand(lin.in_features, generator=torch.Generator().manual_seed(i))
+              for i, (name, lin) in enumerate(block_linears(find_blocks(model)[0]))}
+    return find_blocks(model)[0], inputs, scores
+
+
+def test_m_entries_follow_eq_7_and_8_and_weights_are_restored(block0):
+    block, inputs, scores = block0
+    settings = SensitivitySettings(candidates=(0.05, 0.2), bits_low=2, bits_high=3)
+    before = [lin.weight.clone() for _, lin in block_linears(block)]
+    res = measure_block(block, inputs, scores, settings)
+    m, k, n_layers = res["matrix"], 2, 7
+    assert res["evaluations"] == n_layers * k + 21 * k * k
+    assert torch.equal(m, m.T)
+    assert torch.equal(torch.diagonal(m), 2 * res["single_losses"].flatten())
+    assert all(torch.equal(b, lin.weight) for b, (_, lin) in zip(before, block_linears(block), strict=True))
+    # one off-diagonal entry recomputed by hand: L(d1 + d2) - L(d1) - L(d2)
+    lins = [lin for _, lin in block_linears(block)]
+    wq = {(i, j): mixed_fake_quant(lins[i].weight, scores[n], r, 3, 2)
+          for (i, (n, _)), (j, r) in itertools.product(enumerate(block_linears(block)), enumerate((0.05, 0.2)))}
+    loss = BlockLoss(block, inputs)
+    l1, l2 = loss({lins[0]: wq[0, 1]}), loss({lins[6]: wq[6, 0]})
+    pair = loss({lins[0]: wq[0, 1], lins[6]: wq[6, 0]})
+    assert m[0 * k + 1, 6 * k + 0].item() == pytest.approx(pair - l1 - l2, rel=1e-9, abs=1e-12)
+    assert (torch.diagonal(m) > 0).all()
+
+
+def test_more_high_precision_columns_lower_the_single_loss(block0):
+    block, inputs, scores = block0
+    res = measure_block(block, inputs, scores, SensitivitySettings(candidates=(0.0, 1.0), bits_low=2, bits_high=4))
+    single = res["single_losses"]
+    assert (single[:, 1] < single[:, 0]).all()  # all columns at 4 bits beats all at 2 bits, for every layer
+
+
+def test_quadratic_model_fidelity_is_reported(block0):
+    block, inputs, scores = block0
+    settings = SensitivitySettings(candidates=(0.02, 0.2), bits_low=2, bits_high=3)
+    res = measure_block(block, inputs, scores, settings)
+    fid = quadratic_fidelity(block, inputs, scores, settings, res["matrix"], n_assignments=12, seed=0)
+    assert len(fid["predicted"]) == 12 and -1.0 <= fid["spearman"] <= 1.0
