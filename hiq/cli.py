@@ -124,15 +124,16 @@ def run_eval(
     if spec is not None:
         records = quantize_model_rtn(lm, spec, convention=quant.avg_bits_convention)
         avg_bits = model_average_bits(records)
-    else:
-        avg_bits = float(torch.finfo(parse_dtype(model.dtype)).bits)
+    else:  # the checkpoint's own storage width (the bundled model is stored in fp16, evaluated in fp32)
+        stored = stored_dtype(model.path, model.trust_remote_code) or parse_dtype(model.dtype)
+        avg_bits = float(torch.finfo(stored).bits)
     result: dict = {
         "setting": label,
         "method": quant.method,
         "bits": quant.bits if spec else None,
         "group_size": spec.group_size if spec else None,
         "avg_bits": avg_bits,
-        "avg_bits_convention": quant.avg_bits_convention if spec else "dtype width",
+        "avg_bits_convention": quant.avg_bits_convention if spec else "stored dtype width",
         "avg_bits_paper": (
             average_bits(spec.bits, spec.group_size, convention="paper") if spec else None
         ),
@@ -160,6 +161,20 @@ def run_eval(
                if not isinstance(v, dict)}
     print(json.dumps(summary, indent=2))
     return result
+
+
+def stored_dtype(path: str, trust_remote_code: bool = False):
+    """The dtype a checkpoint's config says its weights are stored in (None if it does not say)."""
+    import torch
+    from transformers import AutoConfig
+
+    from hiq.model import resolve_model_path
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    dtype = getattr(cfg, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def build_eval_parser():

@@ -76,6 +76,7 @@ def load_model_and_tokenizer(
             f"directories and cached hub ids load; bundled: {', '.join(BUNDLED_MODELS)}"
         ) from err
     model.eval()
+    record_execution_order(model)
     return model, tokenizer
 
 
@@ -98,8 +99,38 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` layers inside one block, in registration order (q,k,v,o,gate,up,down for LLaMA)."""
-    return [(name, mod) for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+    """The ``nn.Linear`` layers inside one block, in execution order when :func:`record_execution_order` ran
+    (models from :func:`load_model_and_tokenizer` have it), else in registration order. LLaMA: q,k,v,o,gate,
+    up,down either way; OPT registers k,v,q but runs q first."""
+    linears = [(name, mod) for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+    order = getattr(block, "_hiq_linear_order", None)
+    if order is not None and sorted(order) == sorted(n for n, _ in linears):
+        rank = {name: i for i, name in enumerate(order)}
+        linears.sort(key=lambda item: rank[item[0]])
+    return linears
+
+
+@torch.no_grad()
+def record_execution_order(model: nn.Module, n_tokens: int = 2) -> None:
+    """Run the model once on a few tokens and store, on every block, the order its linears are first called."""
+    blocks = find_blocks(model)
+    calls: dict[int, list[str]] = {i: [] for i in range(len(blocks))}
+    handles = []
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear):
+                def hook(module, args, i=i, name=name):
+                    if name not in calls[i]:
+                        calls[i].append(name)
+                handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, n_tokens, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in enumerate(blocks):
+        block._hiq_linear_order = calls[i]
 
 
 def all_block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:

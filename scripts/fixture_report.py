@@ -132,7 +132,7 @@ config runs offline on a model that really learnt English. Not for any use beyon
 Recipe (from the repository root; the corpus is not committed):
 
 ```bash
-.venv/bin/python scripts/{log['recipe']}
+.venv/bin/python scripts/{log['recipe'].replace('/work/shared/', '../shared/')}
 ```
 
 ## Measured (seqlen {report['seqlen']}, GPTQ/OmniQuant protocol; C4 = bundled 1,100-document sample, not the standard shard)
@@ -142,7 +142,7 @@ Recipe (from the repository root; the corpus is not committed):
 `python scripts/fixture_report.py --corpus <the training corpus files>` reproduces this table
 (windows: WikiText-2 {report['windows']['wikitext2']}, C4 sample {report['windows']['c4']}).
 
-## Sensitivity to quantization during training (WikiText-2 valid, first {a['eval_windows']} windows)
+## Sensitivity to quantization during training (WikiText-2 valid, first {a['eval_windows']} windows, bf16 autocast)
 
 {chr(10).join(probes)}
 """

@@ -8,7 +8,7 @@ Recipe (every choice is an argument; the defaults are what produced ``hiq/assets
 3. Train ``LlamaForCausalLM`` from scratch on random ``seqlen`` windows of that stream with AdamW,
    linear warm-up then cosine decay, bf16 autocast on CPU (fp32 master weights), for a wall-clock
    budget: after ``--calibrate-steps`` steps the total step count is fixed from the measured speed
-   (pass ``--max-steps`` to reproduce a run exactly).
+   (with ``--max-steps 0``; a fixed ``--max-steps`` reproduces a run exactly).
 4. Every ``--eval-every`` steps: WikiText-2 *valid* perplexity on the first windows, and the same with
    every block linear fake-quantised by RTN W3 / W2 per-channel, so the log shows how sensitive to
    quantization the model is becoming.
@@ -17,11 +17,16 @@ Recipe (every choice is an argument; the defaults are what produced ``hiq/assets
 The corpus (``../shared/data/wikipedia-2019-en/wikitext-style/*.txt``, 16M words) is not committed;
 the paths are arguments. Never train on WikiText-2 test.
 
-Example (the committed model)::
+The committed model (``hiq/assets/tiny-llama``, its card has the measurements) was made with::
 
-    python scripts/train_fixture.py \
+    .venv/bin/python scripts/train_fixture.py \
         --corpus ../shared/data/wikipedia-2019-en/wikitext-style/*.txt \
-        --valid data/wikitext2/wiki.valid.raw --out hiq/assets/tiny-llama --minutes 50
+        --valid ../shared/data/wikitext-2-raw/wiki.valid.raw --out hiq/assets/tiny-llama \
+        --vocab-size 2048 --hidden 128 --layers 8 --heads 4 --ffn 384 --batch-size 8 --max-steps 4400 \
+        --lr 3e-3 --weight-decay 0 --min-lr-ratio 0.01 --eval-every 500 --seed 0
+
+(56 min on 2 cores; these are also the defaults.) Then ``python scripts/fixture_report.py --corpus ...``
+measures it and writes its model card.
 """
 
 from __future__ import annotations
@@ -133,22 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", nargs="+", required=True, help="training text files (WikiText layout)")
     p.add_argument("--valid", required=True, help="WikiText-2 wiki.valid.raw")
     p.add_argument("--out", required=True, help="output directory for save_pretrained")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--ffn", type=int, default=384)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--minutes", type=float, default=50.0, help="wall-clock budget for the training loop")
-    p.add_argument("--max-steps", type=int, default=None, help="fix the step count (overrides --minutes)")
+    p.add_argument("--minutes", type=float, default=50.0,
+                   help="wall-clock budget for the training loop, used with --max-steps 0")
+    p.add_argument("--max-steps", type=int, default=4400,
+                   help="step count; 0 = derive it from --minutes and the measured speed")
     p.add_argument("--calibrate-steps", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

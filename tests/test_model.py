@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from hiq.model import ModelLoadError, all_block_linears, block_linears, find_blocks, resolve_model_path
+from hiq.model import (
+    ModelLoadError,
+    all_block_linears,
+    block_linears,
+    find_blocks,
+    record_execution_order,
+    resolve_model_path,
+)
 
 LLAMA_ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -52,3 +59,15 @@ def test_block_discovery_is_generic(kind, n_linear):
     assert len(blocks) == 3
     linears = block_linears(blocks[0])
     assert len(linears) == n_linear and all(isinstance(m, nn.Linear) for _, m in linears)
+
+
+def test_linears_come_in_execution_order_for_opt():
+    """OPT registers k_proj, v_proj, q_proj but calls q_proj first."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_tiny_config("opt")).eval()
+    assert [n for n, _ in block_linears(find_blocks(model)[0])][:3] == ["self_attn.k_proj", "self_attn.v_proj",
+                                                                         "self_attn.q_proj"]
+    record_execution_order(model)
+    names = [n for n, _ in block_linears(find_blocks(model)[0])]
+    assert names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
