@@ -115,11 +115,14 @@ class SensitivityCallback(L.Callback):
         blocks = find_blocks(model)
         device = pl_module.device
         windows = _calibration(trainer, pl_module)[: self.nsamples]
-        inputs = capture_block_inputs(model, windows, batch_size=1, device=device)
+        # From here on only one block sits on the compute device at a time; caches stay on CPU.
+        model.to("cpu")
+        inputs = capture_block_inputs(model, windows, batch_size=1, device="cpu")
         results: list[dict | None] = [None] * len(blocks)
         t_all = time.time()
         bar = tqdm(range(len(blocks)), desc="Sensitivity (M)", unit="block", disable=not trainer.is_global_zero)
         for b in bar:
+            blocks[b].to(device)
             path = run.sensitivity(b)
             saved = load_tensors(path) if path.is_file() else None
             if saved is not None and saved.get("meta") == meta:
@@ -140,6 +143,7 @@ class SensitivityCallback(L.Callback):
                                "sensitivity/seconds": res["seconds"]}, step=b)
             if b + 1 < len(blocks):
                 inputs = inputs.with_hidden(block_outputs(blocks[b], inputs, device))
+            blocks[b].to("cpu")
         bar.close()
         trainer.strategy.barrier("sensitivity")
         for b in range(len(blocks)):
