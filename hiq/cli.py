@@ -90,7 +90,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 def run_eval(
     model: ModelOptions, quant: QuantOptions, eval: EvalOptions, output: str | None = None
-) -> dict:  # noqa: A002 - "eval" is the config group name users type
+) -> dict:
     """Validate everything cheap first, then load, quantize, evaluate, write JSON; returns the result."""
     import torch
 
