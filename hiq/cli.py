@@ -81,19 +81,13 @@ def setting_label(quant: QuantOptions) -> str:
     return f"{quant.method.upper()} W{quant.bits} {gs}"
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_eval(
     model: ModelOptions, quant: QuantOptions, eval: EvalOptions, output: str | None = None
 ) -> dict:
     """Validate everything cheap first, then load, quantize, evaluate, write JSON; returns the result."""
     import torch
 
+    from hiq.artifacts import save_json
     from hiq.data import load_text
     from hiq.evaluate import EVAL_SETS, evaluate_dataset
     from hiq.model import load_model_and_tokenizer, parse_dtype, resolve_model_path
@@ -155,7 +149,7 @@ def run_eval(
     result["wall_time_s"] = round(time.time() - t0, 2)
     result["versions"] = {"hiq": __version__, "torch": torch.__version__, "python": platform.python_version()}
     result["config"] = {"model": asdict(model), "quant": asdict(quant), "eval": asdict(eval)}
-    _write_json_atomic(out_path, result)
+    save_json(out_path, result)
     result["output"] = str(out_path)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
                if not isinstance(v, dict)}

@@ -87,17 +87,6 @@ def encode_files(tokenizer, files: list[str], chunk_lines: int = 2000) -> torch.
     return torch.tensor(ids, dtype=torch.int32)
 
 
-def rtn_fake_quant_(model, bits: int) -> None:
-    """RTN per-output-channel asymmetric fake quantisation of every block linear, in place."""
-    from hiq.quant.grid import QuantSpec, fake_quant_rtn
-
-    spec = QuantSpec(bits=bits, group_size=None)
-    for layer in model.model.layers:
-        for mod in layer.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight.data.copy_(fake_quant_rtn(mod.weight.data, spec))
-
-
 @torch.no_grad()
 def window_ppl(model, stream: torch.Tensor, seqlen: int, max_windows: int) -> float:
     n = min(stream.numel() // seqlen, max_windows)
@@ -113,11 +102,14 @@ def window_ppl(model, stream: torch.Tensor, seqlen: int, max_windows: int) -> fl
 def sensitivity_probe(model, valid: torch.Tensor, seqlen: int, windows: int) -> dict:
     import copy
 
+    from hiq.quant.grid import QuantSpec
+    from hiq.quant.rtn import quantize_model_rtn
+
     model.eval()
     out = {"fp": window_ppl(model, valid, seqlen, windows)}
     for bits in (3, 2):
         q = copy.deepcopy(model)
-        rtn_fake_quant_(q, bits)
+        quantize_model_rtn(q, QuantSpec(bits))  # every block linear, per output channel
         out[f"rtn_w{bits}"] = window_ppl(q, valid, seqlen, windows)
         del q
     model.train()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hiq.model import all_block_linears
 from hiq.quant.bits import average_bits, average_bits_over_layers
 from hiq.quant.grid import QuantSpec, SpecLike, as_spec, check_shape, dequantize, rtn
 
@@ -26,12 +27,6 @@ class LayerQuantRecord:
         return self.out_features * self.in_features
 
 
-def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    from hiq.model import all_block_linears
-
-    return all_block_linears(model)
-
-
 @torch.no_grad()
 def quantize_model_rtn(
     model: nn.Module, spec: SpecLike, convention: str = "storage"
@@ -42,7 +37,7 @@ def quantize_model_rtn(
     Every layer's shape is checked against the spec before any weight is touched.
     """
     qs: QuantSpec = as_spec(spec)
-    layers = _linears(model)
+    layers = all_block_linears(model)
     for name, lin in layers:
         try:
             check_shape(lin.weight, qs)
