@@ -59,3 +59,18 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+    def block(self, block: int) -> Path:
+        """Finished block: integer codes, scales, zeros and permutation of its linears, plus losses."""
+        return self.root / "blocks" / f"block_{block:02d}.pt"
+
+    def evaluation(self, name: str) -> Path:
+        return self.root / "eval" / f"{name}.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"

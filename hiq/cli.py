@@ -1,7 +1,8 @@
 """The ``hiq`` command line.
 
-``hiq fit``   the method on a model (LightningCLI): Fisher scores -> matrix M -> HiGHS ratios (stages as
-              callbacks listed in the config), artifacts in ``--trainer.default_root_dir``.
+``hiq fit``   the method on a model (LightningCLI): Fisher scores -> matrix M -> HiGHS ratios -> hybrid
+              block reconstruction -> export -> evaluation; each stage a callback with its own config
+              section (``--reconstruction.iterations=...``), artifacts in ``--trainer.default_root_dir``.
 ``hiq eval``  load a causal LM, optionally quantize its block linears (RTN for now), report avg bits and
               perplexity on WikiText-2 and the C4 sample, and write the result as JSON.
 
@@ -204,6 +205,31 @@ def default_run_dir(config_paths: list, now: str | None = None) -> str:
     return str(Path("runs") / f"{name}-{now or time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _wandb_into_run_dir(trainer_cfg, run_dir: str) -> None:
+    """A WandbLogger without ``save_dir`` writes into the run directory; wandb's own dirs go there too."""
+    loggers = trainer_cfg.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = str(getattr(logger, "class_path", "") or "")
+        if class_path.endswith("WandbLogger"):
+            init = logger.init_args
+            if not init.get("save_dir"):
+                init.save_dir = run_dir
+            if not init.get("name"):
+                init.name = Path(run_dir).name
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+                os.environ.setdefault(var, str(Path(run_dir) / "wandb"))
+
+
+def stage_callbacks() -> dict:
+    """Config section -> callback class, in the order the stages run (all inside the outer ``Trainer.fit``)."""
+    from hiq import callbacks as cb
+
+    return {"fisher": cb.FisherCallback, "sensitivity": cb.SensitivityCallback, "ratios": cb.RatioSolverCallback,
+            "plots": cb.PlotCallback, "reconstruction": cb.ReconstructionCallback, "export": cb.ExportCallback,
+            "evaluation": cb.EvaluationCallback}
+
+
 def fit_main(argv: list[str]) -> int:
     """``hiq fit``: LightningCLI over HiQPipeline + CalibrationData; the stages are callbacks in the config."""
     from lightning.pytorch.cli import LightningCLI
@@ -213,6 +239,10 @@ def fit_main(argv: list[str]) -> int:
     class HiQCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
             parser.link_arguments("model.model_path", "data.tokenizer_path")
+            # every stage is a callback with its own config section (--reconstruction.iterations=...), run in
+            # this order; sweeps and the command line override any key of any stage
+            for key, callback in stage_callbacks().items():
+                parser.add_lightning_class_args(callback, key)
 
         def before_instantiate_classes(self):
             cfg = self.config[self.subcommand]
@@ -220,8 +250,10 @@ def fit_main(argv: list[str]) -> int:
                 # DDP children re-run this command later: they must land in the parent's directory
                 cfg.trainer.default_root_dir = os.environ.get("HIQ_RUN_DIR") or default_run_dir(
                     cfg.get("config") or [])
-            os.environ["HIQ_RUN_DIR"] = str(cfg.trainer.default_root_dir)
-            print(f"[hiq] run directory: {cfg.trainer.default_root_dir}", file=sys.stderr)
+            run_dir = str(cfg.trainer.default_root_dir)
+            os.environ["HIQ_RUN_DIR"] = run_dir
+            _wandb_into_run_dir(cfg.trainer, run_dir)
+            print(f"[hiq] run directory: {run_dir}", file=sys.stderr)
 
     HiQCLI(
         HiQPipeline,

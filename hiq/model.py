@@ -189,6 +189,10 @@ class BlockInputs:
     def kwargs_for(self, i: int) -> dict:
         return self._kwargs[self._index[i]]
 
+    def shared_kwargs(self) -> dict | None:
+        """The keyword arguments when every batch has the same ones (equal-length windows), else None."""
+        return self._kwargs[0] if len(set(self._index)) == 1 else None
+
     def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """Same keyword arguments, new hidden states (a block's outputs become the next block's inputs)."""
         if len(hidden) != len(self.hidden):

@@ -117,3 +117,102 @@ class CalibrationData(L.LightningDataModule):
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.windows()), batch_size=1)
+
+
+class BlockReconstruction(L.LightningModule):
+    """One transformer block's reconstruction (paper Eq. 10), fitted by its own ``Trainer.fit``.
+
+    ``training_step``: the block with its hybrid linears (:class:`hiq.quant.hybrid.HybridLinear`) runs on
+    the quantized-path inputs; the loss is the squared error to the full-precision block's outputs, summed
+    over the hidden dimension and averaged over tokens, plus ``round_weight`` times AdaRound's regulariser
+    (summed over the rounding variables; β and on/off come from :class:`hiq.callbacks.GammaAnnealing`).
+    The regulariser weight 0.01 is AdaRound's, tuned for exactly this reduction (per-token summed squared
+    error); with a mean over all elements it would have to shrink by the hidden size.
+
+    ``configure_optimizers``: one Adam with the rounding variables at ``lr_round`` / ``weight_decay_round``
+    (paper: 1e-3 / 1e-5) and the LWC clipping logits at ``lr_lwc`` without weight decay.
+
+    Data parallel without a DDP wrapper: when ``torch.distributed`` is initialised (the outer ``hiq fit``
+    runs under DDP) every rank trains on its own shard of samples and gradients are averaged across ranks
+    before each step, so all ranks hold the same parameters.
+
+    A non-finite loss on any rank stops the fit with ``FloatingPointError`` naming the block.
+    """
+
+    def __init__(self, block: torch.nn.Module, hybrids: list, block_kwargs: dict, block_index: int,
+                 lr_round: float = 1e-3, weight_decay_round: float = 1e-5, lr_lwc: float = 1e-2,
+                 round_weight: float = 0.01):
+        super().__init__()
+        self._log_hyperparams = False  # the run's logger keeps the pipeline's hyperparameters
+        self.block = block
+        self.hybrids = hybrids  # submodules of ``block`` already
+        self.block_kwargs = block_kwargs
+        self.block_index = block_index
+        self.lr_round, self.weight_decay_round, self.lr_lwc = lr_round, weight_decay_round, lr_lwc
+        self.round_weight = round_weight
+        self.beta, self.regularize = 20.0, False
+        self.last_losses: dict[str, float] = {}
+        for p in self.block.parameters():
+            p.requires_grad_(False)
+        for h in hybrids:
+            for p in h.parameters():
+                p.requires_grad_(True)
+
+    def _param_groups(self) -> tuple[list, list]:
+        rounding = [h.high.v for h in self.hybrids if hasattr(h.high, "v")]
+        seen = {id(p) for p in rounding}
+        clipping = [p for h in self.hybrids for p in h.parameters() if id(p) not in seen]
+        return rounding, clipping
+
+    def configure_optimizers(self):
+        rounding, clipping = self._param_groups()
+        groups = []
+        if rounding:
+            groups.append({"params": rounding, "lr": self.lr_round, "weight_decay": self.weight_decay_round})
+        if clipping:
+            groups.append({"params": clipping, "lr": self.lr_lwc, "weight_decay": 0.0})
+        return torch.optim.Adam(groups)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from hiq.model import run_block
+
+        return run_block(self.block, hidden, self.block_kwargs, hidden.device)
+
+    def training_step(self, batch, batch_idx):
+        hidden, target = batch
+        out = self(hidden).float()
+        rec = (out - target.float()).pow(2).sum(-1).mean()
+        loss = rec
+        reg = torch.zeros((), device=rec.device)
+        if self.regularize and self.round_weight > 0:
+            reg = sum(h.regularizer(self.beta) for h in self.hybrids)
+            loss = rec + self.round_weight * reg
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if _distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"block {self.block_index}: reconstruction loss is {loss.item()} at step {self.global_step} "
+                f"(a non-finite value on this or another rank); nothing of this block was saved. Check the "
+                f"model's weights for inf/nan or lower lr_lwc / lr_round")
+        name = f"block_{self.block_index:02d}"
+        self.log(f"{name}/rec_loss", rec.detach(), prog_bar=False)
+        self.log(f"{name}/round_reg", reg.detach(), prog_bar=False)
+        self.log(f"{name}/beta", float(self.beta), prog_bar=False)
+        self.last_losses = {"rec": rec.item(), "reg": reg.item(), "beta": self.beta}
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not _distributed():
+            return
+        world = torch.distributed.get_world_size()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1

@@ -12,16 +12,12 @@ SMALL = {
     "model": {"model_path": "tiny-llama", "bits_low": 2, "bits_high": 3, "candidates": [0.05, 0.2],
               "target_avg_bits": 2.1},
     "data": {"dataset": "wikitext2", "split": "train", "nsamples": 4, "seqlen": 64, "seed": 0},
-    "trainer": {
-        "accelerator": "cpu",
-        "callbacks": [
-            {"class_path": "hiq.callbacks.FisherCallback"},
-            {"class_path": "hiq.callbacks.SensitivityCallback",
-             "init_args": {"nsamples": 2, "fidelity_assignments": 6}},
-            {"class_path": "hiq.callbacks.RatioSolverCallback", "init_args": {"mode": "optimal"}},
-            {"class_path": "hiq.callbacks.PlotCallback"},
-        ],
-    },
+    "trainer": {"accelerator": "cpu"},
+    "sensitivity": {"nsamples": 2, "fidelity_assignments": 6},
+    "ratios": {"mode": "optimal"},
+    "reconstruction": {"enabled": False},
+    "export": {"enabled": False},
+    "evaluation": {"enabled": False},
 }
 
 
@@ -69,10 +65,21 @@ def test_infeasible_budget_fails_before_any_heavy_work(tmp_path):
 def test_uniform_mode_needs_no_matrix(tmp_path):
     run = tmp_path / "run"
     cfg = json.loads(json.dumps(SMALL))
-    cfg["trainer"]["callbacks"] = [{"class_path": "hiq.callbacks.RatioSolverCallback",
-                                    "init_args": {"mode": "uniform"}}]
+    cfg["sensitivity"] = {"enabled": False}
+    cfg["plots"] = {"enabled": False}
+    cfg["ratios"] = {"mode": "uniform"}
     path = tmp_path / "uniform.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(path), f"--trainer.default_root_dir={run}"]) == 0
     ratios = json.loads((run / "ratios.json").read_text())
     assert {x["ratio"] for x in ratios["layers"]} == {0.05}  # 0.2 would need 2.2 bits
+    assert not (run / "sensitivity").exists()
+
+
+def test_optimal_mode_without_m_is_refused(tmp_path):
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["sensitivity"] = {"enabled": False}
+    path = tmp_path / "no-m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="sensitivity.enabled=true"):
+        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run'}"])

@@ -77,10 +77,19 @@ def plot_ratios(layers: list[dict], path: Path) -> Path:
 
 
 class PlotCallback(L.Callback):
-    """Draws the Figure 1 and Figure 2 analogs once scores and ratios exist (list it after the solver)."""
+    """Draws the Figure 1 and Figure 2 analogs once scores and ratios exist (list it after the solver).
+
+    Args:
+        enabled: draw the plots (off: skip).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         out = Path(trainer.default_root_dir) / "plots"
         files = []
         if "fisher" in pl_module.artifacts:

@@ -62,6 +62,7 @@ class FisherCallback(L.Callback):
             if saved.get("meta") == meta:
                 rank_zero_info(f"[hiq] Fisher scores reused from {path}")
                 pl_module.artifacts["fisher"] = saved["scores"]
+                pl_module.artifacts.setdefault("timings", {})["fisher"] = saved["seconds"]
                 return
             rank_zero_info(f"[hiq] {path} was computed with other settings; recomputing")
         t0 = time.time()
@@ -78,6 +79,7 @@ class FisherCallback(L.Callback):
             save_tensors(path, {"scores": scores, "samples": acc.samples, "meta": meta, "seconds": seconds})
         trainer.strategy.barrier("fisher")
         pl_module.artifacts["fisher"] = scores
+        pl_module.artifacts.setdefault("timings", {})["fisher"] = seconds
         _log(trainer, {"fisher/seconds": seconds, "fisher/samples": acc.samples})
         rank_zero_info(f"[hiq] Fisher: {acc.samples} samples in {seconds:.1f}s -> {path}")
 
@@ -90,9 +92,12 @@ class SensitivityCallback(L.Callback):
         fidelity_assignments: random per-layer assignments per block used to check how well δᵀMδ/2
             predicts the measured block loss (Spearman rank correlation); 0 disables the check.
         fidelity_seed: seed of those assignments.
+        enabled: measure M (off: only the ``uniform`` and ``fixed`` ratio modes can run).
     """
 
-    def __init__(self, nsamples: int = 16, fidelity_assignments: int = 50, fidelity_seed: int = 0):
+    def __init__(self, nsamples: int = 16, fidelity_assignments: int = 50, fidelity_seed: int = 0,
+                 enabled: bool = True):
+        self.enabled = enabled
         if nsamples < 1:
             raise ValueError(f"nsamples={nsamples} must be at least 1")
         self.nsamples = nsamples
@@ -105,6 +110,8 @@ class SensitivityCallback(L.Callback):
                 "fidelity": [self.fidelity_assignments, self.fidelity_seed]}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         scores = pl_module.artifacts.get("fisher")
         if scores is None:
             raise RuntimeError("SensitivityCallback needs Fisher scores: list FisherCallback before it")
@@ -150,6 +157,7 @@ class SensitivityCallback(L.Callback):
             if results[b] is None:  # measured by another rank
                 results[b] = load_tensors(run.sensitivity(b))
         pl_module.artifacts["sensitivity"] = results
+        pl_module.artifacts.setdefault("timings", {})["sensitivity"] = sum(r["seconds"] for r in results)
         evals = sum(r["evaluations"] for r in results)
         rank_zero_info(f"[hiq] M: {len(blocks)} blocks, {evals} block evaluations, "
                        f"{time.time() - t_all:.1f}s this run -> {run.root / 'sensitivity'}")
@@ -193,7 +201,8 @@ class RatioSolverCallback(L.Callback):
         if self.mode == "optimal":
             sens = pl_module.artifacts.get("sensitivity")
             if sens is None:
-                raise RuntimeError("RatioSolverCallback(mode='optimal') needs M: list SensitivityCallback before it")
+                raise RuntimeError("ratios.mode=optimal needs the matrix M: enable the sensitivity stage "
+                                   "(sensitivity.enabled=true)")
             matrices = [r["matrix"].numpy() for r in sens]
         else:  # baselines still report δᵀMδ when M is there
             sens = pl_module.artifacts.get("sensitivity")
@@ -207,6 +216,7 @@ class RatioSolverCallback(L.Callback):
             solution.write_json(path)
         trainer.strategy.barrier("ratios")
         pl_module.artifacts["ratios"] = solution
+        pl_module.artifacts.setdefault("timings", {})["ratios"] = solution.solve_time_s
         _log(trainer, {"ratios/achieved_avg_bits": solution.achieved_avg_bits,
                        "ratios/solve_time_s": solution.solve_time_s})
         rank_zero_info(f"[hiq] ratios ({self.mode}): avg {solution.achieved_avg_bits:.4f} bits "

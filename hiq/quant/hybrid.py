@@ -1,0 +1,106 @@
+"""The hybrid linear of block reconstruction: high-impact columns through AdaRound, the rest through LWC.
+
+Input columns are permuted so each part is contiguous: ``perm = [high-impact columns by descending impact
+score, normal columns in original order]`` (the split of :func:`hiq.quant.mixed.split_columns`, the one M
+was measured with). Each part is quantized as its own matrix, so a scale/zero group never mixes bit widths.
+``finish()`` turns the layer into what export needs — integer codes, scales, zeros and the permutation
+(:class:`QuantizedLinearRecord`) — and :func:`dequantize_record` rebuilds the weight in original column order,
+bit-identical to the finished layer's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiq.quant.learned import QUANTIZERS, LWCQuantizer, dequantize_part
+from hiq.quant.mixed import split_columns
+
+
+class HybridLinear(nn.Module):
+    """Drop-in replacement for an ``nn.Linear`` during reconstruction (the original weight stays frozen).
+
+    Args:
+        linear: the full-precision layer.
+        scores: one impact score per input column.
+        ratio: share of input columns that are high-impact (``floor(ratio * in_features)`` columns).
+        bits_high, bits_low: b_H and b_N.
+        group_size: columns per scale/zero group, or None for one per row (and part).
+        high_quantizer: ``adaround`` (the method) or ``lwc`` (ablation: both parts through LWC).
+        lwc_init: initial clipping logits of LWC.
+    """
+
+    def __init__(self, linear: nn.Linear, scores: torch.Tensor, ratio: float, bits_high: int, bits_low: int,
+                 group_size: int | None, high_quantizer: str = "adaround", lwc_init: float = 4.0):
+        super().__init__()
+        if high_quantizer not in QUANTIZERS:
+            raise ValueError(f"high_quantizer={high_quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+        weight = linear.weight.detach()
+        if scores.numel() != weight.shape[1]:
+            raise ValueError(f"{scores.numel()} column scores for a weight with {weight.shape[1]} input columns")
+        high, normal = split_columns(scores.cpu(), ratio)
+        perm = torch.cat([high, normal]).to(weight.device)
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse", torch.argsort(perm))
+        self.n_high = int(high.numel())
+        self.ratio = float(ratio)
+        self.group_size = group_size
+        self.bits_high, self.bits_low = bits_high, bits_low
+        self.high_quantizer = high_quantizer
+        wp = weight.float()[:, perm]
+        cls = QUANTIZERS[high_quantizer]
+        kwargs = {"init": lwc_init} if cls is LWCQuantizer else {}
+        self.high = cls(wp[:, : self.n_high], bits_high, group_size, **kwargs)
+        self.normal = LWCQuantizer(wp[:, self.n_high :], bits_low, group_size, init=lwc_init)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = weight.dtype
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Fake-quantized weight in original column order (float32)."""
+        return torch.cat([self.high(), self.normal()], dim=1)[:, self.inverse]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return self.high.regularizer(beta)
+
+    def finish(self) -> dict:
+        """Hard rounding; the integer record of the layer (see :func:`dequantize_record`)."""
+        return {
+            "perm": self.perm.cpu(), "n_high": self.n_high, "ratio": self.ratio, "group_size": self.group_size,
+            "bits_high": self.bits_high, "bits_low": self.bits_low, "high_quantizer": self.high_quantizer,
+            "high": {k: v.cpu() for k, v in self.high.finish().items()},
+            "normal": {k: v.cpu() for k, v in self.normal.finish().items()},
+        }
+
+
+def dequantize_record(record: dict) -> torch.Tensor:
+    """The float32 weight ``(out, in)`` in original column order from a :meth:`HybridLinear.finish` record."""
+    parts = [dequantize_part(record[p]["codes"], record[p]["scale"], record[p]["zero"], record["group_size"])
+             for p in ("high", "normal")]
+    return torch.cat(parts, dim=1)[:, torch.argsort(record["perm"])]
+
+
+def check_record_grid(record: dict) -> None:
+    """Every code within its part's ``2^b`` levels and zero points integral in range (raises ``ValueError``)."""
+    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
+        codes, zero = record[part]["codes"], record[part]["zero"]
+        qmax = (1 << bits) - 1
+        if codes.numel() and int(codes.max()) > qmax:
+            raise ValueError(f"{part} codes reach {int(codes.max())} > {qmax} for {bits} bits")
+        if zero.numel() and (zero.min() < 0 or zero.max() > qmax or not torch.equal(zero, zero.round())):
+            raise ValueError(f"{part} zero points are not integers in [0, {qmax}]")
+
+
+def record_bits(record: dict, scale_bits: int = 16) -> tuple[int, int]:
+    """``(weight bits, storage bits)`` of a finished layer: codes only; codes + fp16 scale + b-bit zero per group."""
+    weight_bits = storage = 0
+    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
+        codes = record[part]["codes"]
+        weight_bits += codes.numel() * bits
+        storage += codes.numel() * bits + record[part]["scale"].numel() * (scale_bits + bits)
+    return weight_bits, storage

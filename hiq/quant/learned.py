@@ -1,0 +1,187 @@
+"""Learnable fake quantizers for block reconstruction: LWC (normal columns) and AdaRound (high-impact columns).
+
+Both work on a column block of a weight matrix, ``(out_features, n_columns)``, cut into groups of
+``group_size`` consecutive columns (the last group may be shorter: it gets its own scale and zero) or one
+group per row (``group_size=None``). Their parameters are per row and group; the weight itself is frozen.
+Both grids are asymmetric with an integer zero point in ``[0, 2^b - 1]`` and always contain 0, like
+:func:`hiq.quant.grid.minmax_params`.
+
+**LWC** (OmniQuant's learnable weight clipping, paper Eq. 13):
+``hi = σ(a)·max(max W, 0)``, ``lo = σ(b)·min(min W, 0)``, ``s = (hi − lo)/(2^b − 1)``, ``z = round(−lo/s)``,
+``Ŵ = s·(clamp(round(W/s) + z, 0, 2^b − 1) − z)`` with straight-through rounding, so gradients reach the
+clipping logits ``a, b`` (initialised to 4.0 as OmniQuant does: σ(4) ≈ 0.982 of the range is kept).
+
+**AdaRound** (paper Eq. 11-12): min-max scale and zero fixed, ``Ŵ = s·(clamp(⌊W/s⌋ + h(V) + z, 0, 2^b − 1) − z)``
+with the rectified sigmoid ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1, ``V`` initialised so
+that ``h(V)`` equals the fractional part of ``W/s`` (the soft quantizer starts at the full-precision weight).
+The regulariser ``Σ (1 − |2h(V) − 1|^β)`` pushes every ``h`` to 0 or 1; at the end rounding is hard
+(``h = 1[V ≥ 0]``).
+
+``finish()`` of either returns integer codes, scales and zero points whose dequantisation
+(:func:`dequantize_part`) is bit-identical to the quantizer's hard forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hiq.quant.grid import MIN_SCALE, check_bits
+
+ZETA = 1.1
+GAMMA = -0.1
+LWC_INIT = 4.0
+
+
+def group_widths(n_columns: int, group_size: int | None) -> list[int]:
+    """Widths of the column groups of a part: one per row, or runs of ``group_size`` and a shorter last one."""
+    if n_columns == 0:
+        return []
+    if group_size is None or group_size >= n_columns:
+        return [n_columns]
+    full, rest = divmod(n_columns, group_size)
+    return [group_size] * full + ([rest] if rest else [])
+
+
+def expand_groups(values: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """``(out, n_groups)`` per-group values -> ``(out, n_columns)`` (each value repeated over its group)."""
+    if len(set(widths)) == 1:
+        return values.repeat_interleave(widths[0], dim=1)
+    return values.repeat_interleave(torch.tensor(widths, device=values.device), dim=1)
+
+
+def group_range(weight: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and group ``(min(min w, 0), max(max w, 0))`` in float32, each ``(out, n_groups)``."""
+    w = weight.detach().float()
+    lo = torch.stack([c.amin(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(max=0.0)
+    hi = torch.stack([c.amax(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(min=0.0)
+    return lo, hi
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def dequantize_part(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group_size: int | None) -> torch.Tensor:
+    """Float32 weights of a part from its codes ``(out, n)`` and per-group ``scale``/``zero`` ``(out, n_groups)``."""
+    if codes.shape[1] == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    widths = group_widths(codes.shape[1], group_size)
+    return (codes.float() - expand_groups(zero.float(), widths)) * expand_groups(scale.float(), widths)
+
+
+class _PartQuantizer(nn.Module):
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D column block, got shape {tuple(weight.shape)}")
+        self.bits = check_bits(bits)
+        self.qmax = (1 << bits) - 1
+        self.group_size = group_size
+        self.widths = group_widths(weight.shape[1], group_size)
+        self.register_buffer("weight", weight.detach().float().clone())
+
+    @property
+    def n_columns(self) -> int:
+        return self.weight.shape[1]
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        return expand_groups(t, self.widths)
+
+
+class LWCQuantizer(_PartQuantizer):
+    """Learnable weight clipping for a column block; parameters ``upper``/``lower`` logits per row and group."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None, init: float = LWC_INIT):
+        super().__init__(weight, bits, group_size)
+        n_groups = len(self.widths)
+        lo, hi = group_range(self.weight, self.widths) if n_groups else (weight.new_zeros(weight.shape[0], 0),) * 2
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+        self.upper = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
+        self.lower = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
+
+    def _params(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        hi = torch.sigmoid(self.upper) * self.hi
+        lo = torch.sigmoid(self.lower) * self.lo
+        scale = ((hi - lo) / self.qmax).clamp(min=MIN_SCALE)
+        zero = (round_ste if ste else torch.round)(-lo / scale).clamp(0, self.qmax)
+        return scale, zero
+
+    def forward(self) -> torch.Tensor:
+        if self.n_columns == 0:
+            return self.weight
+        scale, zero = self._params(ste=True)
+        s, z = self._expand(scale), self._expand(zero)
+        codes = (round_ste(self.weight / s) + z).clamp(0, self.qmax)
+        return (codes - z) * s
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """Integer codes (uint8), scale and zero (float32 per row and group) of the learnt clipping."""
+        if self.n_columns == 0:
+            empty = self.weight.new_zeros(self.weight.shape[0], 0)
+            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+        scale, zero = self._params(ste=False)
+        codes = (torch.round(self.weight / self._expand(scale)) + self._expand(zero)).clamp(0, self.qmax)
+        return {"codes": codes.to(torch.uint8), "scale": scale.detach().clone(), "zero": zero.detach().clone()}
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return self.weight.new_zeros(())
+
+
+class AdaRoundQuantizer(_PartQuantizer):
+    """Learnable up/down rounding (``V`` per weight) on a fixed min-max grid for a column block."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
+        super().__init__(weight, bits, group_size)
+        if self.widths:
+            lo, hi = group_range(self.weight, self.widths)
+            scale = ((hi - lo) / self.qmax).clamp(min=MIN_SCALE)
+            zero = torch.round(-lo / scale).clamp(0, self.qmax)
+        else:
+            scale = zero = weight.new_zeros(weight.shape[0], 0).float()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.hard = False
+        if self.n_columns:
+            x = self.weight / self._expand(scale)
+            frac = (x - torch.floor(x)).clamp(0.0, 1.0 - 1e-6)
+            v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+        else:
+            v = self.weight.clone()
+        self.v = nn.Parameter(v)
+
+    def rounding(self) -> torch.Tensor:
+        """h(V) in [0, 1] (soft), or exactly 0/1 once ``hard`` is set."""
+        if self.hard:
+            return (self.v >= 0).float()
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def forward(self) -> torch.Tensor:
+        if self.n_columns == 0:
+            return self.weight
+        s, z = self._expand(self.scale), self._expand(self.zero)
+        codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
+        return (codes - z) * s
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``Σ (1 − |2h(V) − 1|^β)``: 0 when every weight is rounded hard, ``n`` when all sit half-way."""
+        if self.n_columns == 0:
+            return self.weight.new_zeros(())
+        return (1.0 - (2.0 * self.rounding() - 1.0).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        self.hard = True
+        if self.n_columns == 0:
+            empty = self.weight.new_zeros(self.weight.shape[0], 0)
+            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+        s, z = self._expand(self.scale), self._expand(self.zero)
+        codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
+        return {"codes": codes.to(torch.uint8), "scale": self.scale.clone(), "zero": self.zero.clone()}
+
+
+QUANTIZERS = {"adaround": AdaRoundQuantizer, "lwc": LWCQuantizer}

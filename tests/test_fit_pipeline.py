@@ -1,0 +1,150 @@
+"""`hiq fit` end to end on the bundled model: Fisher -> M -> ratios -> hybrid reconstruction -> export -> eval."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hiq.cli import main
+from hiq.data import eval_windows, load_text, tokenize_text
+from hiq.evaluate import perplexity
+from tests.test_fit_ratios import SMALL
+
+E2E = json.loads(json.dumps(SMALL))
+E2E["sensitivity"] = {"nsamples": 2, "fidelity_assignments": 0}
+E2E["reconstruction"] = {"iterations": 12, "batch_size": 2, "log_every_n_steps": 4}
+E2E["export"] = {"enabled": True}
+E2E["evaluation"] = {"datasets": ["wikitext2"], "seqlen": 64, "max_windows": 6}
+
+
+def _config(tmp_path, cfg=None) -> str:
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(cfg or E2E))
+    return str(path)
+
+
+def _fit(cfg: str, run, *extra) -> dict:
+    assert main(["fit", "--config", cfg, f"--trainer.default_root_dir={run}", *extra]) == 0
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    run = tmp / "run"
+    return tmp, run, _fit(_config(tmp), run)
+
+
+def test_metrics_blocks_and_model(finished, tiny):
+    tmp, run, metrics = finished
+    assert metrics["setting"] == "W2/3 per-channel"
+    assert 2.0 < metrics["avg_bits"] <= 2.1 + 1e-9  # weight bits of the codes really written
+    assert metrics["avg_bits_storage"] > metrics["avg_bits"]
+    assert set(metrics["stage_seconds"]) >= {"fisher", "sensitivity", "ratios", "reconstruction", "evaluation"}
+    fp_model, tokenizer = tiny
+    windows = eval_windows(tokenize_text(tokenizer, load_text("wikitext2", "test")), 64, 6)
+    fp_ppl = perplexity(fp_model, windows)
+    assert metrics["wikitext2_ppl"] > fp_ppl  # 2-bit weights cost something
+    assert len(metrics["blocks"]) == 8
+    # every block's linears are on their b-bit grids and the file holds what export needs
+    block = torch.load(run / "blocks" / "block_03.pt", weights_only=True)
+    rec = block["layers"]["self_attn.v_proj"]
+    assert sorted(rec["perm"].tolist()) == list(range(128))
+    assert int(rec["high"]["codes"].max()) <= 7 and int(rec["normal"]["codes"].max()) <= 3
+    assert block["steps"] == 12 and block["loss_final"] > 0
+    # model/ is a plain Hugging Face checkpoint with the dequantised weights, scoring what metrics.json says
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert perplexity(exported, windows) == pytest.approx(metrics["wikitext2_ppl"], rel=1e-6)
+    w = exported.model.layers[3].self_attn.v_proj.weight
+    assert all(len(row.unique()) <= 8 + 4 for row in w)  # per row: at most 2^3 + 2^2 levels
+    assert json.loads((run / "model" / "hiq.json").read_text())["setting"] == "W2/3 per-channel"
+    # the run's logger got the block fits' losses
+    csv = next(run.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    assert "block_00/rec_loss" in csv and "block_07/round_reg" in csv
+
+
+def test_rerun_reuses_everything(finished):
+    tmp, run, metrics = finished
+    files = [run / "fisher.pt", *sorted((run / "blocks").glob("*.pt")), run / "model" / "model.safetensors",
+             run / "eval" / "wikitext2.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again = _fit(_config(tmp), run)
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert again["wikitext2_ppl"] == metrics["wikitext2_ppl"]
+
+
+def test_resume_after_a_stop_gives_the_same_model(finished, tmp_path):
+    tmp, run, metrics = finished
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    # a run stopped during block 5: blocks 5-7, the export and the evaluation never happened
+    for b in (5, 6, 7):
+        (resumed / "blocks" / f"block_{b:02d}.pt").unlink()
+    for name in ("model", "eval"):
+        shutil.rmtree(resumed / name)
+    (resumed / "metrics.json").unlink()
+    stamp = (resumed / "blocks" / "block_04.pt").stat().st_mtime_ns
+    again = _fit(_config(tmp_path), resumed)
+    assert (resumed / "blocks" / "block_04.pt").stat().st_mtime_ns == stamp
+    assert again["wikitext2_ppl"] == metrics["wikitext2_ppl"]
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_ratios_redo_downstream_blocks(finished, tmp_path):
+    tmp, run, _ = finished
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = json.loads(json.dumps(E2E))
+    cfg["ratios"] = {"mode": "fixed", "fixed_ratio": 0.05}
+    stamp = (other / "blocks" / "block_00.pt").stat().st_mtime_ns
+    again = _fit(_config(tmp_path, cfg), other)
+    assert (other / "blocks" / "block_00.pt").stat().st_mtime_ns != stamp  # ratios differ: block redone
+    assert again["ratio_mode"] == "fixed"
+    block = torch.load(other / "blocks" / "block_00.pt", weights_only=True)
+    assert block["layers"]["mlp.down_proj"]["n_high"] == 19  # floor(0.05 * 384)
+
+
+def test_lwc_only_row_has_no_high_columns(tmp_path):
+    cfg = json.loads(json.dumps(E2E))
+    cfg["ratios"] = {"mode": "fixed", "fixed_ratio": 0.0}
+    cfg["sensitivity"] = {"enabled": False}
+    cfg["export"] = {"enabled": False}
+    metrics = _fit(_config(tmp_path, cfg), tmp_path / "lwc")
+    assert metrics["avg_bits"] == 2.0
+    block = torch.load(tmp_path / "lwc" / "blocks" / "block_00.pt", weights_only=True)
+    assert all(r["n_high"] == 0 for r in block["layers"].values())
+
+
+def test_nan_in_a_block_stops_with_its_name_and_keeps_earlier_blocks(finished, tiny_copy, tmp_path):
+    tmp, run, _ = finished
+    # same run, but the checkpoint now has a non-finite weight in block 2 (Fisher, M and ratios are reused)
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    for name in ("fisher.pt", "sensitivity", "ratios.json"):
+        src = run / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, poisoned / name if src.is_dir() else poisoned)
+    model, tokenizer = tiny_copy
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    ckpt = tmp_path / "nan-model"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    cfg = json.loads(json.dumps(E2E))
+    cfg["model"]["model_path"] = str(ckpt)
+    # Fisher/M were measured on the clean model: reuse them under the new path
+    for name in ("fisher.pt", *[f"sensitivity/block_{b:02d}.pt" for b in range(8)]):
+        payload = torch.load(poisoned / name, weights_only=True)
+        payload["meta"]["model"] = str(ckpt)
+        torch.save(payload, poisoned / name)
+    with pytest.raises(FloatingPointError, match="block 2: reconstruction loss is nan"):
+        main(["fit", "--config", _config(tmp_path, cfg), f"--trainer.default_root_dir={poisoned}"])
+    assert sorted(p.name for p in (poisoned / "blocks").iterdir()) == ["block_00.pt", "block_01.pt"]
+    for b in (0, 1):
+        torch.load(poisoned / "blocks" / f"block_{b:02d}.pt", weights_only=True)
+    assert not (poisoned / "metrics.json").exists() and not (poisoned / "model").exists()

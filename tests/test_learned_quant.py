@@ -1,0 +1,113 @@
+"""LWC, AdaRound and the hybrid linear on the bundled model's real weights."""
+
+import pytest
+import torch
+
+from hiq.callbacks.annealing import GammaAnnealing
+from hiq.model import block_linears, find_blocks
+from hiq.quant.grid import QuantSpec, fake_quant_rtn
+from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record, record_bits
+from hiq.quant.learned import GAMMA, ZETA, AdaRoundQuantizer, LWCQuantizer, group_widths
+from hiq.quant.mixed import mixed_fake_quant
+
+
+@pytest.fixture(scope="module")
+def layer(tiny):
+    model, _ = tiny
+    return dict(block_linears(find_blocks(model)[3]))["mlp.down_proj"]  # 384 input columns
+
+
+def test_group_widths_keep_a_ragged_tail():
+    assert group_widths(384, None) == [384]
+    assert group_widths(300, 128) == [128, 128, 44]
+    assert group_widths(40, 64) == [40]
+    assert group_widths(0, 64) == []
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_lwc_with_open_clipping_is_rtn(layer, group_size):
+    w = layer.weight.detach().float()
+    lwc = LWCQuantizer(w, 2, group_size, init=50.0)  # σ(50) = 1: no clipping
+    torch.testing.assert_close(lwc(), fake_quant_rtn(w, QuantSpec(2, group_size)), rtol=0, atol=1e-6)
+
+
+def test_lwc_init_clips_and_gets_gradients(layer):
+    w = layer.weight.detach().float()
+    lwc = LWCQuantizer(w, 2, None)
+    assert torch.allclose(torch.sigmoid(lwc.upper), torch.tensor(0.98201379))
+    out = lwc()
+    assert len(out.unique()) > 4  # per row at most 4 levels, rows differ
+    assert all(len(row.unique()) <= 4 for row in out)
+    ((out - w) ** 2).sum().backward()
+    assert lwc.upper.grad.abs().sum() > 0 and lwc.lower.grad.abs().sum() > 0
+
+
+def test_adaround_starts_at_the_weight_and_hardens_to_a_grid(layer):
+    w = layer.weight.detach().float()
+    ada = AdaRoundQuantizer(w, 3, 128)
+    # h(V) = fractional part: the soft quantizer is the weight itself, up to the grid's clamp at both ends
+    s, z = ada._expand(ada.scale), ada._expand(ada.zero)
+    torch.testing.assert_close(ada(), s * ((w / s + z).clamp(0, 7) - z), rtol=0, atol=1e-5)
+    assert (ada() == w).float().mean() < 1 and (ada() - w).abs().lt(1e-5).float().mean() > 0.95
+    h = ada.rounding()
+    assert h.min() >= 0 and h.max() <= 1
+    assert ada.regularizer(2.0) > 0
+    record = ada.finish()
+    hard = ada()
+    assert ada.regularizer(2.0).item() == 0.0  # hard rounding: every h is 0 or 1
+    for row in hard.split(128, dim=1):
+        assert all(len(r.unique()) <= 8 for r in row)
+    # untrained, V >= 0 <=> fractional part >= 0.5: the hard result is RTN on the same grid (ties aside:
+    # torch.round goes half to even)
+    differs = (hard - fake_quant_rtn(w, QuantSpec(3, 128))).abs() > 1e-6
+    assert differs.float().mean() < 1e-3
+    assert record["codes"].dtype == torch.uint8 and int(record["codes"].max()) <= 7
+
+
+def test_rectified_sigmoid_constants():
+    assert (ZETA, GAMMA) == (1.1, -0.1)
+    v = torch.tensor([-100.0, 0.0, 100.0])
+    q = AdaRoundQuantizer(torch.ones(1, 3), 2, None)
+    q.v.data = v
+    torch.testing.assert_close(q.rounding(), torch.tensor([0.0, 0.5, 1.0]))
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("high", ["adaround", "lwc"])
+def test_hybrid_record_roundtrip(layer, group_size, high):
+    scores = torch.arange(384, dtype=torch.float64).flip(0)  # column 0 most important
+    hybrid = HybridLinear(layer, scores, 0.2, 3, 2, group_size, high)
+    assert hybrid.n_high == 76  # floor(0.2 * 384)
+    assert torch.equal(hybrid.perm[:76], torch.arange(76))
+    record = hybrid.finish()
+    check_record_grid(record)
+    torch.testing.assert_close(dequantize_record(record), hybrid.quantized_weight(), rtol=0, atol=0)
+    # groups never mix bit widths: the high part has its own groups (76 = 64 + 12 columns)
+    if group_size == 64:
+        assert record["high"]["scale"].shape == (128, 2) and record["normal"]["scale"].shape == (128, 5)
+    weight_bits, storage = record_bits(record)
+    assert weight_bits == 128 * (76 * 3 + 308 * 2) and storage > weight_bits
+    x = torch.randn(5, 384)
+    torch.testing.assert_close(hybrid(x), x @ dequantize_record(record).T + (layer.bias or 0), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_at_init_matches_mixed_rtn_on_the_normal_part(layer):
+    scores = torch.rand(384, generator=torch.Generator().manual_seed(0))
+    hybrid = HybridLinear(layer, scores, 0.1, 3, 2, None, "lwc", lwc_init=50.0)
+    expected = mixed_fake_quant(layer.weight.data, scores, 0.1, 3, 2, None)
+    torch.testing.assert_close(hybrid.quantized_weight(), expected.float(), rtol=0, atol=1e-6)
+
+
+def test_gamma_annealing_schedule():
+    sched = GammaAnnealing(100, warmup=0.2, start=20, end=2)
+    assert sched.value(0) == (20.0, False) and sched.value(19) == (20.0, False)
+    assert sched.value(20) == (20.0, True)
+    assert sched.value(60)[0] == pytest.approx(11.0)
+    assert sched.value(100)[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="warmup=1.5"):
+        GammaAnnealing(100, warmup=1.5)
+
+
+def test_bad_high_quantizer_is_named(layer):
+    with pytest.raises(ValueError, match="high_quantizer='gptq'"):
+        HybridLinear(layer, torch.rand(384), 0.1, 3, 2, None, "gptq")
