@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint rtn-table fixture-report clean
+.PHONY: install demo test lint rtn-table ablation configs fixture-report clean
 
 install: $(STAMP)
 
@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The main job on the bundled default: full precision vs RTN W2 on the bundled tiny LLaMA.
+# The main job on the bundled default: the method end to end (Fisher -> M -> ratios -> hybrid reconstruction ->
+# export -> WikiText-2/C4 perplexity) on the bundled tiny LLaMA, W2 setting. Rerunning resumes/reuses.
+DEMO_RUN ?= runs/demo-w2
 demo: $(STAMP)
-	$(VENV)/bin/hiq eval --config configs/tiny/fp.yaml --output runs/demo/fp.json
-	$(VENV)/bin/hiq eval --config configs/tiny/rtn-w2.yaml --output runs/demo/rtn-w2.json
-	@echo "results: runs/demo/fp.json runs/demo/rtn-w2.json"
+	$(VENV)/bin/hiq fit --config configs/tiny/w2.yaml --trainer.default_root_dir=$(DEMO_RUN)
+	@echo "results: $(DEMO_RUN)/metrics.json  (quantized model: $(DEMO_RUN)/model, ratios: $(DEMO_RUN)/ratios.json)"
+	@$(PY) -c "import json; m = json.load(open('$(DEMO_RUN)/metrics.json')); \
+	print(f\"{m['setting']}: {m['avg_bits']:.3f} avg bits, WikiText-2 ppl {m['wikitext2_ppl']:.2f}, C4-sample ppl {m['c4_ppl']:.2f}\")"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -38,6 +41,14 @@ lint: $(STAMP)
 # README's RTN table (every row, about 10 minutes on 2 cores)
 rtn-table: $(STAMP)
 	$(PY) benchmarks/rtn_table.py
+
+# README's ablation table (paper Table 4 on the bundled model; about 25 minutes per setting on 2 cores)
+ablation: $(STAMP)
+	$(PY) benchmarks/ablation.py
+
+# configs/*/*.yaml are written by one script from one template
+configs: $(STAMP)
+	$(PY) scripts/make_configs.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

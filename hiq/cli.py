@@ -212,7 +212,7 @@ def _wandb_into_run_dir(trainer_cfg, run_dir: str) -> None:
         class_path = str(getattr(logger, "class_path", "") or "")
         if class_path.endswith("WandbLogger"):
             init = logger.init_args
-            if not init.get("save_dir"):
+            if init.get("save_dir") in (None, "", ".") and not init.get("dir"):  # "." is WandbLogger's default
                 init.save_dir = run_dir
             if not init.get("name"):
                 init.name = Path(run_dir).name

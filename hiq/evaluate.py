@@ -47,7 +47,9 @@ def perplexity(
 ) -> float:
     """exp(mean NLL of tokens 1..seqlen-1 of every window), logits in float64 for the softmax."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    metric = Perplexity().to(device)
+    # one process scores all windows: no all-gather, even when torch.distributed is initialised (hiq fit on DDP
+    # evaluates on rank 0 only; torchmetrics would otherwise wait for the other ranks)
+    metric = Perplexity(sync_on_compute=False).to(device)
     metric.total_log_probs = metric.total_log_probs.double()
     iterator = range(0, windows.shape[0], batch_size)
     if progress:

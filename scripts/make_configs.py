@@ -33,8 +33,8 @@ MODELS = {
     "tiny": {
         "path": "tiny-llama", "what": "the bundled tiny LLaMA (2.2M parameters, 8 blocks)", "dtype": "float32",
         "dtype_note": "float32 on CPU", "accelerator": "auto", "seqlen_note": "-> 512 for the tiny model",
-        "m_nsamples": 4, "fidelity": 0, "iterations": 300, "batch_size": 4, "eval_batch": 4,
-        "iter_note": "paper 5,000; 300 x 4 windows keeps `make demo` under 10 min on 2 CPU cores",
+        "m_nsamples": 4, "fidelity": 0, "iterations": 400, "batch_size": 4, "eval_batch": 4,
+        "iter_note": "paper 5,000; 400 x 4 windows keeps `make demo` under 10 min on 2 CPU cores",
         "logger": "  logger: true                # CSV in <run dir>/lightning_logs; W&B: --trainer.logger=WandbLogger",
         "export_dtype": "null",
     },
