@@ -49,18 +49,9 @@ MODELS = {
                    "      project: hiq               # W&B project\n"
                    "      save_dir: null             # null = the run directory (set by hiq fit)"),
     },
-    "llama-2-13b": {
-        "path": "meta-llama/Llama-2-13b-hf", "what": "LLaMA-2-13B (paper Tables 1-2)", "dtype": "bfloat16",
-        "dtype_note": "bfloat16 on GPUs", "accelerator": "auto", "seqlen_note": "-> 2048",
-        "m_nsamples": 16, "fidelity": 20, "iterations": 5000, "batch_size": 1, "eval_batch": 1,
-        "iter_note": "paper Section 4.1: 5,000", "export_dtype": "float16",
-        "logger": ("  logger:                      # W&B as in the paper's runs; files go to <run dir>/wandb\n"
-                   "    class_path: lightning.pytorch.loggers.WandbLogger\n"
-                   "    init_args:\n"
-                   "      project: hiq               # W&B project\n"
-                   "      save_dir: null             # null = the run directory (set by hiq fit)"),
-    },
 }
+MODELS["llama-2-13b"] = {**MODELS["llama-2-7b"], "path": "meta-llama/Llama-2-13b-hf",
+                         "what": "LLaMA-2-13B (paper Tables 1-2)"}
 
 TEMPLATE = """\
 # HiQ {label} (b_N={bl}, b_H={bh}, {gs_text}) on {what}.

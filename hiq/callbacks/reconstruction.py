@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 from hiq.artifacts import load_tensors, save_tensors
 from hiq.callbacks.annealing import GammaAnnealing, StepProgressBar
 from hiq.callbacks.stages import _calibration, _calibration_meta, _log, _run_dir
-from hiq.model import BlockInputs, block_linears, block_outputs, capture_block_inputs, find_blocks, run_block
+from hiq.model import (
+    BlockInputs,
+    block_linears,
+    block_outputs,
+    capture_block_inputs,
+    find_blocks,
+    run_block,
+    to_device,
+)
 from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record, record_bits
 from hiq.quant.learned import QUANTIZERS
 from hiq.quant.mixed import mixed_fake_quant
@@ -156,7 +164,7 @@ class ReconstructionCallback(L.Callback):
             originals[name] = _swap(block, name, hybrid)
             hybrids.append((name, hybrid))
         try:
-            module = BlockReconstruction(block, [h for _, h in hybrids], _to(kwargs, device), b, s["lr_round"],
+            module = BlockReconstruction(block, [h for _, h in hybrids], to_device(kwargs, device), b, s["lr_round"],
                                          s["weight_decay_round"], s["lr_lwc"], s["round_weight"])
             per_rank = s["batch_size"] // trainer.world_size
             loader = torch.utils.data.DataLoader(
@@ -274,12 +282,6 @@ def _reduce_loss(trainer: L.Trainer, pair: tuple[float, int]) -> float:
     if trainer.world_size > 1:
         total = trainer.strategy.reduce(total.to(trainer.strategy.root_device), reduce_op="sum").cpu()
     return float(total[0] / total[1])
-
-
-def _to(obj, device):
-    from hiq.model import to_device
-
-    return to_device(obj, device)
 
 
 @torch.no_grad()
