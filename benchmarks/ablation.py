@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-HIQ = str(Path(sys.executable).parent / "hiq")
+HIQ = [sys.executable, "-m", "hiq"]  # this interpreter's hiq, console script installed or not
 
 FIT_ROWS = [  # name, label, extra options
     ("ours", "+ optimal + hybrid (ours)", ["--ratios.mode=optimal", "--reconstruction.high_quantizer=adaround"]),
@@ -64,14 +64,15 @@ def run_setting(setting: str, out: Path, extra: list[str]) -> dict[str, dict]:
     base = out / setting
     rows: dict[str, dict] = {}
     rtn_json = base / "rtn.json"
-    rtn_cmd = [HIQ, "eval", "--config", "configs/tiny/rtn-w2.yaml", f"--quant.bits={bits}",
+    rtn_cmd = [*HIQ, "eval", "--config", "configs/tiny/rtn-w2.yaml", f"--quant.bits={bits}",
                f"--quant.group_size={group or 'null'}", "--quant.avg_bits_convention=weights_only",
                f"--output={rtn_json}"]
     if not rtn_json.is_file():
         _run(rtn_cmd, base / "rtn.log")
     r = json.loads(rtn_json.read_text())
     rows["rtn"] = {"label": "RTN", "avg_bits": r["avg_bits"], "wikitext2_ppl": r["wikitext2_ppl"],
-                   "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"], "command": " ".join(["hiq", *rtn_cmd[1:]])}
+                   "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"],
+                   "command": " ".join(["hiq", *rtn_cmd[len(HIQ):]])}
     for name, label, options in FIT_ROWS:
         run = base / name
         if name != "ours" and not (run / "fisher.pt").exists():  # share Fisher and M of the "ours" row
@@ -79,7 +80,7 @@ def run_setting(setting: str, out: Path, extra: list[str]) -> dict[str, dict]:
             shutil.copy(base / "ours" / "fisher.pt", run / "fisher.pt")
             if "--sensitivity.enabled=false" not in options:
                 shutil.copytree(base / "ours" / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
-        cmd = [HIQ, "fit", "--config", config, f"--trainer.default_root_dir={run}", *options,
+        cmd = [*HIQ, "fit", "--config", config, f"--trainer.default_root_dir={run}", *options,
                "--export.enabled=false", *extra]
         if not (run / "metrics.json").is_file():
             _run(cmd, base / f"{name}.log")
@@ -88,7 +89,7 @@ def run_setting(setting: str, out: Path, extra: list[str]) -> dict[str, dict]:
         seconds = sum(v for k, v in st.items() if k != "export")
         rows[name] = {"label": label, "avg_bits": m["avg_bits"], "wikitext2_ppl": m["wikitext2_ppl"],
                       "c4_ppl": m["c4_ppl"], "seconds": seconds, "stage_seconds": st,
-                      "blocks": m.get("blocks"), "command": " ".join(["hiq", *cmd[1:]])}
+                      "blocks": m.get("blocks"), "command": " ".join(["hiq", *cmd[len(HIQ):]])}
     return rows
 
 

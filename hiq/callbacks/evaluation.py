@@ -162,6 +162,13 @@ class EvaluationCallback(L.Callback):
         rank_zero_info(f"[hiq] {metrics['setting']} at {metrics['avg_bits']:.4f} avg bits: {summary} -> {run.metrics}")
 
 
+def device_label(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: where the run's stages computed."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def build_metrics(trainer, pl_module, results: dict) -> dict:
     """``metrics.json``: avg bits (two conventions), perplexities, stage timings, settings and versions."""
     hp = pl_module.hparams
@@ -200,6 +207,7 @@ def build_metrics(trainer, pl_module, results: dict) -> dict:
     if "model_dir" in pl_module.artifacts:
         metrics["model_dir"] = pl_module.artifacts["model_dir"]
     metrics["world_size"] = trainer.world_size
+    metrics["device"] = device_label(pl_module.device)
     metrics["versions"] = {"hiq": __version__, "torch": torch.__version__, "lightning": L.__version__,
                            "python": platform.python_version()}
     return metrics

@@ -183,6 +183,7 @@ class ReconstructionCallback(L.Callback):
         finally:  # the block always gets its own nn.Linear modules back
             for name, lin in originals.items():
                 _swap(block, name, lin)
+            block.to(device)  # Trainer.fit's teardown moved the module (and this block in it) to the CPU
             block.eval()
         for p in block.parameters():
             p.requires_grad_(True)
