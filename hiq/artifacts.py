@@ -74,3 +74,15 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak resident memory (and peak CUDA allocation, where a GPU was used), in MiB."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mb": round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

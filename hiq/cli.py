@@ -88,7 +88,7 @@ def run_eval(
     """Validate everything cheap first, then load, quantize, evaluate, write JSON; returns the result."""
     import torch
 
-    from hiq.artifacts import save_json
+    from hiq.artifacts import peak_memory_mb, save_json
     from hiq.data import load_text
     from hiq.evaluate import EVAL_SETS, evaluate_dataset
     from hiq.model import load_model_and_tokenizer, parse_dtype, resolve_model_path
@@ -148,6 +148,7 @@ def run_eval(
         print(f"[hiq eval] {name} ({res.split}) ppl {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f}s]",
               file=sys.stderr)
     result["wall_time_s"] = round(time.time() - t0, 2)
+    result["memory"] = peak_memory_mb()
     result["versions"] = {"hiq": __version__, "torch": torch.__version__, "python": platform.python_version()}
     result["config"] = {"model": asdict(model), "quant": asdict(quant), "eval": asdict(eval)}
     save_json(out_path, result)

@@ -44,6 +44,7 @@ def test_metrics_blocks_and_model(finished, tiny):
     assert 2.0 < metrics["avg_bits"] <= 2.1 + 1e-9  # weight bits of the codes really written
     assert metrics["avg_bits_storage"] > metrics["avg_bits"]
     assert set(metrics["stage_seconds"]) >= {"fisher", "sensitivity", "ratios", "reconstruction", "evaluation"}
+    assert metrics["device"] == "cpu" and metrics["memory"]["peak_rss_mb"] > 100  # MiB: the model alone is more
     fp_model, tokenizer = tiny
     windows = eval_windows(tokenize_text(tokenizer, load_text("wikitext2", "test")), 64, 6)
     fp_ppl = perplexity(fp_model, windows)

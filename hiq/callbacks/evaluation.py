@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from hiq import __version__
-from hiq.artifacts import load_json, save_json
+from hiq.artifacts import load_json, peak_memory_mb, save_json
 from hiq.callbacks.stages import _log, _run_dir
 
 
@@ -208,6 +208,7 @@ def build_metrics(trainer, pl_module, results: dict) -> dict:
         metrics["model_dir"] = pl_module.artifacts["model_dir"]
     metrics["world_size"] = trainer.world_size
     metrics["device"] = device_label(pl_module.device)
+    metrics["memory"] = peak_memory_mb()  # of this run's process; a resumed run reports its own peak
     metrics["versions"] = {"hiq": __version__, "torch": torch.__version__, "lightning": L.__version__,
                            "python": platform.python_version()}
     return metrics
