@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	elif [ -n "$(TORCH_WHEEL)" ] && ! command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "installing torch from $(TORCH_WHEEL)"; $(PY) -m pip install -q "$(TORCH_WHEEL)"; \
 	else echo "installing torch from PyPI"; $(PY) -m pip install -q torch; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
 # The main job on the bundled default: the method end to end (Fisher -> M -> ratios -> hybrid reconstruction ->

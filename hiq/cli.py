@@ -67,12 +67,14 @@ class EvalOptions:
         seqlen: window length in tokens; null = min(2048, the model's context).
         max_windows: score only the first N windows of each set (quick runs); null = all.
         batch_size: windows per forward pass.
+        zeroshot_batch_size: lm-eval requests per forward pass for ``--tasks``.
     """
 
     datasets: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
     seqlen: int | None = None
     max_windows: int | None = None
     batch_size: int = 1
+    zeroshot_batch_size: int = 16
 
 
 def setting_label(quant: QuantOptions) -> str:
@@ -83,9 +85,14 @@ def setting_label(quant: QuantOptions) -> str:
 
 
 def run_eval(
-    model: ModelOptions, quant: QuantOptions, eval: EvalOptions, output: str | None = None
+    model: ModelOptions, quant: QuantOptions, eval: EvalOptions, output: str | None = None,
+    tasks: str | list[str] | None = None, limit: float | None = None,
 ) -> dict:
-    """Validate everything cheap first, then load, quantize, evaluate, write JSON; returns the result."""
+    """Validate everything cheap first, then load, quantize, evaluate, write JSON; returns the result.
+
+    ``tasks`` (``piqa,arc_easy,arc_challenge,hellaswag,winogrande`` or ``all``) adds lm-eval zero-shot
+    accuracy (needs ``hiq[eval]``); ``limit`` scores only the first N documents of each task.
+    """
     import torch
 
     from hiq.artifacts import peak_memory_mb, save_json
@@ -104,8 +111,17 @@ def run_eval(
     spec = QuantSpec(quant.bits, quant.group_size) if quant.method != "none" else None
     parse_dtype(model.dtype)
     resolve_model_path(model.path)
-    if not eval.datasets:
-        raise ValueError("eval.datasets is empty; give at least one of wikitext2, c4, a hub id or a file path")
+    from hiq.zeroshot import check_limit, evaluate_zeroshot, format_zeroshot, lm_eval_version, parse_tasks
+
+    task_names = parse_tasks(tasks)
+    check_limit(limit)
+    if task_names:
+        lm_eval_version()  # a missing extra fails here, before the model loads
+    elif limit is not None:
+        raise ValueError(f"--limit={limit} applies to zero-shot tasks; give --tasks too (or drop --limit)")
+    if not eval.datasets and not task_names:
+        raise ValueError("eval.datasets is empty and no --tasks; give at least one of wikitext2, c4, a hub id, "
+                         "a file path, or zero-shot tasks")
     for name in eval.datasets:
         load_text(name, EVAL_SETS.get(name, "test"))
     label = setting_label(quant)
@@ -147,10 +163,18 @@ def run_eval(
         result["seqlen"] = res.tokens_scored // res.windows + 1
         print(f"[hiq eval] {name} ({res.split}) ppl {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f}s]",
               file=sys.stderr)
+    if task_names:
+        print(f"[hiq eval] zero-shot {','.join(task_names)}" + (f" (limit {limit})" if limit else ""),
+              file=sys.stderr)
+        zs = evaluate_zeroshot(lm, tokenizer, task_names, limit=limit, batch_size=eval.zeroshot_batch_size)
+        result["zeroshot"] = zs
+        result["zeroshot_avg"] = zs["average"]
+        print(f"[hiq eval] zero-shot: {format_zeroshot(zs)} [{zs['seconds']:.1f}s]", file=sys.stderr)
     result["wall_time_s"] = round(time.time() - t0, 2)
     result["memory"] = peak_memory_mb()
     result["versions"] = {"hiq": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    result["config"] = {"model": asdict(model), "quant": asdict(quant), "eval": asdict(eval)}
+    result["config"] = {"model": asdict(model), "quant": asdict(quant), "eval": asdict(eval), "tasks": task_names,
+                        "limit": limit}
     save_json(out_path, result)
     result["output"] = str(out_path)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
@@ -183,6 +207,11 @@ def build_eval_parser():
     parser.add_class_arguments(EvalOptions, "eval")
     parser.add_argument("--output", type=str | None, default=None,
                         help="JSON file to write (default runs/eval/<setting>-<time>.json)")
+    parser.add_argument("--tasks", type=str | None, default=None,
+                        help="zero-shot tasks through lm-eval (needs hiq[eval]): comma-separated from piqa, arc_easy, "
+                             "arc_challenge, hellaswag, winogrande, or 'all'")
+    parser.add_argument("--limit", type=int | float | None, default=None,
+                        help="score only the first N documents of each zero-shot task (or a fraction in (0, 1])")
     return parser
 
 
@@ -191,7 +220,7 @@ def eval_main(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
     try:
-        run_eval(init.model, init.quant, init.eval, init.output)
+        run_eval(init.model, init.quant, init.eval, init.output, init.tasks, init.limit)
     except (ValueError, FileNotFoundError) as err:
         print(f"hiq eval: error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ MODELS = {
         "path": "tiny-llama", "what": "the bundled tiny LLaMA (2.2M parameters, 8 blocks)", "dtype": "float32",
         "dtype_note": "float32 on CPU", "accelerator": "auto", "seqlen_note": "-> 512 for the tiny model",
         "m_nsamples": 4, "fidelity": 0, "iterations": 400, "batch_size": 4, "eval_batch": 4,
+        "tasks": "null", "zs_batch": 32,
         "iter_note": "paper 5,000; 400 x 4 windows keeps `make demo` under 10 min on 2 CPU cores",
         "logger": "  logger: true                # CSV in <run dir>/lightning_logs; W&B: --trainer.logger=WandbLogger",
         "export_dtype": "null",
@@ -42,6 +43,7 @@ MODELS = {
         "path": "meta-llama/Llama-2-7b-hf", "what": "LLaMA-2-7B (paper Tables 1-4)", "dtype": "bfloat16",
         "dtype_note": "bfloat16 on GPUs", "accelerator": "auto", "seqlen_note": "-> 2048",
         "m_nsamples": 16, "fidelity": 20, "iterations": 5000, "batch_size": 1, "eval_batch": 1,
+        "tasks": "all", "zs_batch": 16,
         "iter_note": "paper Section 4.1: 5,000", "export_dtype": "float16",
         "logger": ("  logger:                      # W&B as in the paper's runs; files go to <run dir>/wandb\n"
                    "    class_path: lightning.pytorch.loggers.WandbLogger\n"
@@ -118,6 +120,9 @@ evaluation:
   seqlen: null                 # null = min(2048, model context)
   max_windows: null            # null = all windows
   batch_size: {eval_batch}
+  tasks: {tasks:<22}# zero-shot via lm-eval (hiq[eval]): piqa, arc_easy, arc_challenge, hellaswag, winogrande, all
+  limit: null                  # first N documents per zero-shot task (quick runs); null = all
+  zeroshot_batch_size: {zs_batch:<8}# lm-eval requests per forward pass
   enabled: true
 """
 

@@ -17,7 +17,7 @@ E2E = json.loads(json.dumps(SMALL))
 E2E["sensitivity"] = {"nsamples": 2, "fidelity_assignments": 0}
 E2E["reconstruction"] = {"iterations": 12, "batch_size": 2, "log_every_n_steps": 4}
 E2E["export"] = {"enabled": True}
-E2E["evaluation"] = {"datasets": ["wikitext2"], "seqlen": 64, "max_windows": 6}
+E2E["evaluation"] = {"datasets": ["wikitext2"], "seqlen": 64, "max_windows": 6, "tasks": "piqa,winogrande", "limit": 4}
 
 
 def _config(tmp_path, cfg=None) -> str:
@@ -64,6 +64,11 @@ def test_metrics_blocks_and_model(finished, tiny):
     w = exported.model.layers[3].self_attn.v_proj.weight
     assert all(len(row.unique()) <= 8 + 4 for row in w)  # per row: at most 2^3 + 2^2 levels
     assert json.loads((run / "model" / "hiq.json").read_text())["setting"] == "W2/3 per-channel"
+    # zero-shot through lm-eval on the quantized model in memory (evaluation.tasks)
+    zs = metrics["zeroshot"]
+    assert list(zs["tasks"]) == ["piqa", "winogrande"] and zs["limit"] == 4 and zs["lm_eval_version"]
+    assert all(r["n"] == 4 for r in zs["tasks"].values())
+    assert metrics["zeroshot_avg"] == pytest.approx((zs["tasks"]["piqa"]["acc"] + zs["tasks"]["winogrande"]["acc"]) / 2)
     # the run's logger got the block fits' losses
     csv = next(run.glob("lightning_logs/version_*/metrics.csv")).read_text()
     assert "block_00/rec_loss" in csv and "block_07/round_reg" in csv
@@ -72,11 +77,12 @@ def test_metrics_blocks_and_model(finished, tiny):
 def test_rerun_reuses_everything(finished):
     tmp, run, metrics = finished
     files = [run / "fisher.pt", *sorted((run / "blocks").glob("*.pt")), run / "model" / "model.safetensors",
-             run / "eval" / "wikitext2.json"]
+             run / "eval" / "wikitext2.json", run / "eval" / "zeroshot_piqa.json"]
     stamps = {p: p.stat().st_mtime_ns for p in files}
     again = _fit(_config(tmp), run)
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     assert again["wikitext2_ppl"] == metrics["wikitext2_ppl"]
+    assert again["zeroshot"] == metrics["zeroshot"]
 
 
 def test_resume_after_a_stop_gives_the_same_model(finished, tmp_path):

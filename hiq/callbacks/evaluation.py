@@ -103,23 +103,36 @@ class EvaluationCallback(L.Callback):
         seqlen: window length; null = min(2048, the model's context).
         max_windows: score only the first N windows of each set (quick runs); null = all.
         batch_size: windows per forward pass.
+        tasks: zero-shot tasks through lm-eval (needs ``hiq[eval]``): a list or comma-separated string from
+            piqa, arc_easy, arc_challenge, hellaswag, winogrande, or ``all``; null = none.
+        limit: score only the first N documents of each zero-shot task (or a fraction in (0, 1]); null = all.
+        zeroshot_batch_size: lm-eval requests per forward pass.
         enabled: evaluate and write ``metrics.json`` (off: skip).
     """
 
     def __init__(self, datasets: list[str] | None = None, seqlen: int | None = None, max_windows: int | None = None,
-                 batch_size: int = 1, enabled: bool = True):
+                 batch_size: int = 1, tasks: list[str] | str | None = None, limit: int | float | None = None,
+                 zeroshot_batch_size: int = 16, enabled: bool = True):
+        from hiq.zeroshot import check_limit, parse_tasks
+
         self.enabled = enabled
         self.datasets = list(datasets) if datasets is not None else ["wikitext2", "c4"]
         if not self.datasets:
             raise ValueError("datasets is empty; give at least one of wikitext2, c4, a hub id or a file path")
         self.seqlen, self.max_windows, self.batch_size = seqlen, max_windows, batch_size
+        self.tasks = parse_tasks(tasks)
+        self.limit = check_limit(limit)
+        self.zeroshot_batch_size = zeroshot_batch_size
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         from hiq.data import load_text
         from hiq.evaluate import EVAL_SETS
+        from hiq.zeroshot import lm_eval_version
 
         for name in (self.datasets if self.enabled else []):  # a typo fails before any heavy stage
             load_text(name, EVAL_SETS.get(name, "test"))
+        if self.enabled and self.tasks:
+            lm_eval_version()  # so does a missing hiq[eval] extra
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if not self.enabled:
@@ -154,12 +167,48 @@ class EvaluationCallback(L.Callback):
                                f"{res.seconds:.1f}s]")
             results[key] = saved
             eval_seconds += saved["seconds"]
+        zeroshot = self._zeroshot(pl_module, run, fingerprint) if self.tasks else None
+        if zeroshot is not None:
+            eval_seconds += zeroshot["seconds"]
         pl_module.artifacts.setdefault("timings", {})["evaluation"] = eval_seconds
-        metrics = build_metrics(trainer, pl_module, results)
+        metrics = build_metrics(trainer, pl_module, results, zeroshot)
         save_json(run.metrics, metrics)
-        _log(trainer, {f"eval/{k}_ppl": v["ppl"] for k, v in results.items()})
+        logged = {f"eval/{k}_ppl": v["ppl"] for k, v in results.items()}
+        if zeroshot is not None:
+            logged.update({f"eval/{n}_{r['reported']}": r[r["reported"]] for n, r in zeroshot["tasks"].items()})
+            logged["eval/zeroshot_avg"] = zeroshot["average"]
+        _log(trainer, logged)
         summary = ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in results.items())
+        if zeroshot is not None:
+            summary += f", zero-shot average {zeroshot['average']:.4f}"
         rank_zero_info(f"[hiq] {metrics['setting']} at {metrics['avg_bits']:.4f} avg bits: {summary} -> {run.metrics}")
+
+    def _zeroshot(self, pl_module, run, fingerprint: str) -> dict:
+        """lm-eval on the in-memory model; each task's result is kept in eval/zeroshot_<task>.json and reused
+        while the quantized weights (fingerprint), the limit and the lm-eval version stay the same."""
+        from hiq.zeroshot import PROTOCOL, REPORTED, evaluate_zeroshot, format_zeroshot, lm_eval_version
+
+        settings = {"limit": self.limit, "fingerprint": fingerprint, "lm_eval_version": lm_eval_version()}
+        saved, missing = {}, []
+        for task in self.tasks:
+            path = run.evaluation(f"zeroshot_{task}")
+            prev = load_json(path) if path.is_file() else None
+            if prev is not None and prev.get("settings") == settings:
+                saved[task] = prev
+            else:
+                missing.append(task)
+        if missing:
+            res = evaluate_zeroshot(pl_module.model, pl_module.tokenizer, missing, limit=self.limit,
+                                    batch_size=self.zeroshot_batch_size)
+            for task in missing:
+                saved[task] = {**res["tasks"][task], "seconds": res["seconds"] / len(missing), "settings": settings}
+                save_json(run.evaluation(f"zeroshot_{task}"), saved[task])
+        per_task = {t: {k: v for k, v in saved[t].items() if k not in ("settings", "seconds")} for t in self.tasks}
+        result = {"tasks": per_task, "average": sum(per_task[t][REPORTED[t]] for t in self.tasks) / len(self.tasks),
+                  "limit": self.limit, "lm_eval_version": settings["lm_eval_version"], "protocol": PROTOCOL,
+                  "seconds": round(sum(saved[t]["seconds"] for t in self.tasks), 2)}
+        rank_zero_info(f"[hiq] zero-shot: {format_zeroshot(result)}" + ("" if missing else " (reused)"))
+        return result
 
 
 def device_label(device: torch.device) -> str:
@@ -169,7 +218,7 @@ def device_label(device: torch.device) -> str:
     return str(device)
 
 
-def build_metrics(trainer, pl_module, results: dict) -> dict:
+def build_metrics(trainer, pl_module, results: dict, zeroshot: dict | None = None) -> dict:
     """``metrics.json``: avg bits (two conventions), perplexities, stage timings, settings and versions."""
     hp = pl_module.hparams
     summary = pl_module.artifacts.get("reconstruction")
@@ -196,6 +245,9 @@ def build_metrics(trainer, pl_module, results: dict) -> dict:
     }
     for key, res in results.items():
         metrics[f"{key}_ppl"] = res["ppl"]
+    if zeroshot is not None:
+        metrics["zeroshot_avg"] = zeroshot["average"]
+        metrics["zeroshot"] = {k: v for k, v in zeroshot.items() if k != "seconds"}
     timings = pl_module.artifacts.get("timings", {})
     metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["eval"] = {k: {f: v[f] for f in ("split", "windows", "tokens_scored", "seconds", "note")}
