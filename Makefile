@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint rtn-table ablation configs fixture-report clean
+.PHONY: install demo test lint rtn-table ablation bench configs fixture-report clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ rtn-table: $(STAMP)
 # README's ablation table (paper Table 4 on the bundled model; about 25 minutes per setting on 2 cores)
 ablation: $(STAMP)
 	$(PY) benchmarks/ablation.py
+
+# README's peer table: hiq vs RTN, GPTQ, AWQ (llmcompressor), AutoRound, HQQ on the bundled model. The peers run in
+# their own venvs (.venv-peers, .venv-peers-autoround; their pins clash with ours); every row is cached in runs/bench
+bench: $(STAMP)
+	bash benchmarks/peers/setup.sh
+	$(PY) benchmarks/peers.py --reuse runs/ablation --keep-going
 
 # configs/*/*.yaml are written by one script from one template
 configs: $(STAMP)

@@ -1,0 +1,456 @@
+#!/usr/bin/env python
+"""hiq against the PTQ tools users would pick instead: same model, same calibration data, one evaluator.
+
+Rows per setting (configs/tiny/<setting>.yaml gives bits = ``model.bits_low`` and ``model.group_size``):
+
+  rtn         hiq eval's round-to-nearest (asymmetric min-max), no calibration
+  gptq        llmcompressor GPTQModifier                      } run by benchmarks/peers/quantize.py inside the
+  awq         llmcompressor AWQModifier                       } peer venv (benchmarks/peers/setup.sh), which
+  autoround   auto-round AutoRound                            } writes a dequantised HF checkpoint; scored by
+  hqq         hqq (calibration-free half-quadratic)           } `hiq eval --quant.method=none` here
+  hiq-lwc     hiq fit with ratios fixed at 0, LWC only (the tool at the peers' bits)
+  hiq         hiq fit, the method (optimal ratios + AdaRound/LWC hybrid) at its own budget
+
+Every calibrated peer reads the same windows, written once to ``<out>/calibration.pt`` by the code ``hiq fit``
+uses (``hiq.modules.CalibrationData(...).windows(tokenizer, max_context)`` with the configs' ``data`` section).
+Before a peer is scored, each block linear of its checkpoint must lie on a b-bit grid: at most 2^b distinct
+values per (row, group) (per row for per-channel); a violation fails the row naming layer, row, group, count.
+
+Each row is cached in ``<out>/<setting>/<method>/`` and read back when finished, so reruns only compute what
+is missing. ``--reuse runs/ablation`` copies finished ``runs/ablation/<setting>/{lwc,ours}`` run directories and
+``runs/ablation/<setting>/rtn.json`` (computed by benchmarks/ablation.py with the identical ``hiq fit`` / ``hiq
+eval`` commands) instead of recomputing them.
+
+    bash benchmarks/peers/setup.sh                                   # once: .venv-peers
+    python benchmarks/peers.py [--settings w2 w3 w2-g128 w3-g128] [--methods rtn gptq ...] \\
+        [--out runs/bench] [--reuse runs/ablation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HIQ = [sys.executable, "-m", "hiq"]  # this interpreter's hiq
+QUANTIZE = ROOT / "benchmarks" / "peers" / "quantize.py"
+# the peer venvs (benchmarks/peers/setup.sh): llmcompressor 0.14 pins auto-round<=0.15.1, so AutoRound has its own
+PEER_VENVS = {"gptq": ".venv-peers", "awq": ".venv-peers", "hqq": ".venv-peers", "autoround": ".venv-peers-autoround"}
+
+PEERS = ("gptq", "awq", "autoround", "hqq")
+METHODS = ("rtn", *PEERS, "hiq-lwc", "hiq")
+LABELS = {
+    "rtn": "RTN (hiq eval)",
+    "gptq": "GPTQ (llmcompressor)",
+    "awq": "AWQ (llmcompressor)",
+    "autoround": "AutoRound (auto-round)",
+    "hqq": "HQQ (hqq)",
+    "hiq-lwc": "hiq LWC-only",
+    "hiq": "hiq (ours)",
+}
+# hiq fit options of the two hiq rows; identical to benchmarks/ablation.py's "lwc" and "ours" rows
+HIQ_FIT_ROWS = {
+    "hiq-lwc": ("lwc", ["--ratios.mode=fixed", "--ratios.fixed_ratio=0.0", "--sensitivity.enabled=false",
+                        "--reconstruction.high_quantizer=lwc", "--export.enabled=false"]),
+    "hiq": ("ours", ["--ratios.mode=optimal", "--reconstruction.high_quantizer=adaround",
+                     "--export.enabled=false"]),
+}
+CALIBRATED = ("gptq", "awq", "autoround", "hiq-lwc", "hiq")  # rtn and hqq use no data
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class GridError(RuntimeError):
+    """A peer checkpoint's block linear has more distinct values in a (row, group) than its bits allow."""
+
+
+def log(msg: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- grid check
+def _group_slices(in_features: int, group_size: int | None) -> list[slice]:
+    if group_size in (None, 0, -1) or group_size >= in_features:
+        return [slice(0, in_features)]
+    return [slice(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
+
+
+def grid_levels_where(weight: torch.Tensor, group_size: int | None) -> tuple[int, int, int]:
+    """(max distinct values over all (row, group), its row, its group index) of a 2-D weight [out, in].
+
+    Groups are ``group_size`` consecutive input columns (a ragged last group is its own group); ``None``
+    means per output channel (the whole row is one group).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight.detach().float()  # float16/bfloat16 values are exact in float32
+    best = (0, 0, 0)
+    for gi, sl in enumerate(_group_slices(w.shape[1], group_size)):
+        part = torch.sort(w[:, sl], dim=1).values
+        distinct = 1 + (part[:, 1:] != part[:, :-1]).sum(dim=1)  # per row
+        row = int(distinct.argmax())
+        if int(distinct[row]) > best[0]:
+            best = (int(distinct[row]), row, gi)
+    return best
+
+
+def grid_levels(weight: torch.Tensor, group_size: int | None) -> int:
+    """Max number of distinct values in any (row, group) of ``weight``: <= 2^b for a b-bit grid."""
+    return grid_levels_where(weight, group_size)[0]
+
+
+def block_linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The block linears' weights (``model.layers.*.{self_attn,mlp}.*_proj.weight``) of a HF checkpoint."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    out = {}
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            parts = name.split(".")
+            if ".layers." in name and name.endswith(".weight") and len(parts) >= 2 and parts[-2] in BLOCK_LINEARS:
+                out[name] = t
+    if not out:
+        raise GridError(f"{model_dir}: no block linear weights found")
+    return out
+
+
+def check_grid(model_dir: Path, bits: int, group_size: int | None) -> dict:
+    """Raise :class:`GridError` unless every block linear has <= 2^bits values per (row, group)."""
+    allowed = 2**bits
+    worst = {"levels": 0}
+    weights = block_linear_weights(model_dir)
+    for name, w in sorted(weights.items()):
+        levels, row, group = grid_levels_where(w, group_size)
+        if levels > allowed:
+            gs = "per-channel" if group_size is None else f"group_size {group_size}"
+            raise GridError(
+                f"{model_dir}: {name} is not on a {bits}-bit grid: row {row}, group {group} ({gs}) has {levels} "
+                f"distinct values > 2^{bits} = {allowed}"
+            )
+        if levels > worst["levels"]:
+            worst = {"levels": levels, "layer": name, "row": row, "group": group}
+    return {"allowed": allowed, "layers": len(weights), "max_levels": worst["levels"], "worst": worst}
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def setting_spec(setting: str) -> tuple[int, int | None, dict]:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{setting}.yaml").read_text())
+    return int(cfg["model"]["bits_low"]), cfg["model"]["group_size"], cfg
+
+
+def setting_label(bits: int, group: int | None) -> str:
+    return f"W{bits} " + ("per-channel" if group is None else f"g{group}")
+
+
+def layer_shapes(model_path: str) -> list[tuple[int, int]]:
+    """(out, in) of every block linear of the model (from its config, no weights loaded)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    h, inter = c.hidden_size, c.intermediate_size
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    hd = getattr(c, "head_dim", None) or h // heads
+    per_block = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (inter, h), (inter, h), (h, inter)]
+    return per_block * c.num_hidden_layers
+
+
+def storage_bits(model_path: str, bits: int, group: int | None) -> float:
+    """Bits per weight incl. an fp16 scale + b-bit zero per group/row (hiq.quant.bits ``storage``)."""
+    from hiq.quant.bits import average_bits, average_bits_over_layers
+
+    return average_bits_over_layers(
+        (o * i, average_bits(bits, group, i, convention="storage")) for o, i in layer_shapes(model_path)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def write_calibration(out: Path, cfg: dict, model_path: str) -> tuple[Path, dict]:
+    """``<out>/calibration.pt``: the windows ``hiq fit`` calibrates on (int64 [nsamples, seqlen]); idempotent."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hiq.modules import CalibrationData
+
+    data = cfg["data"]
+    path = out / "calibration.pt"
+    meta_path = out / "calibration.json"
+    meta = {"dataset": data["dataset"], "split": data["split"], "nsamples": data["nsamples"],
+            "seqlen": data["seqlen"], "seed": data["seed"], "model": model_path}
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("source") == meta:
+        return path, json.loads(meta_path.read_text())
+    tok = AutoTokenizer.from_pretrained(model_path)
+    max_context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    dm = CalibrationData(dataset=data["dataset"], split=data["split"], nsamples=data["nsamples"],
+                         seqlen=data["seqlen"], seed=data["seed"], tokenizer_path=model_path)
+    windows = dm.windows(tok, max_context).to(torch.int64).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(windows, path)
+    info = {"source": meta, "count": int(windows.shape[0]), "length": int(windows.shape[1]),
+            "seed": data["seed"], "dataset": f"{data['dataset']} {data['split']}"}
+    meta_path.write_text(json.dumps(info, indent=2) + "\n")
+    return path, info
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def _run(cmd: list[str], logfile: Path) -> float:
+    log("$ " + shlex.join(cmd))
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(logfile, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = "".join(logfile.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"command failed ({proc.returncode}); see {logfile}:\n{tail}")
+    return time.time() - t0
+
+
+def _show(cmd: list[str]) -> str:
+    """A command as printed under the table: ``hiq ...`` for hiq, paths relative to the repo."""
+    if cmd[: len(HIQ)] == HIQ:
+        cmd = ["hiq", *cmd[len(HIQ):]]
+    return shlex.join(str(c).replace(str(ROOT) + os.sep, "") for c in cmd)
+
+
+def _rel(path: str | Path) -> str:
+    return str(path).replace(str(ROOT) + os.sep, "")
+
+
+def eval_command(model: str, output: Path, quick: int | None) -> list[str]:
+    cmd = [*HIQ, "eval", f"--model.path={model}", "--quant.method=none", "--eval.datasets=[wikitext2,c4]",
+           "--eval.batch_size=4", f"--output={output}"]
+    if quick:
+        cmd.append(f"--eval.max_windows={quick}")
+    return cmd
+
+
+def run_rtn(setting: str, bits: int, group: int | None, d: Path, model_path: str, reuse: Path | None,
+            quick: int | None) -> dict:
+    out = d / "eval.json"
+    cmd = [*HIQ, "eval", "--config", "configs/tiny/rtn-w2.yaml", f"--quant.bits={bits}",
+           f"--quant.group_size={group if group is not None else 'null'}",
+           "--quant.avg_bits_convention=weights_only", f"--output={out}"]
+    if quick:
+        cmd.append(f"--eval.max_windows={quick}")
+    if not out.is_file():
+        src = reuse / setting / "rtn.json" if reuse else None  # benchmarks/ablation.py ran the identical command
+        if src is not None and not quick and src.is_file():
+            log(f"rtn: reusing finished {src}")
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, out)
+            (d / "reused_from.txt").write_text(f"{src}\n")
+        else:
+            _run(cmd, d / "eval.log")
+    r = json.loads(out.read_text())
+    notes = []
+    if (d / "reused_from.txt").is_file():
+        notes.append(f"reused from {_rel((d / 'reused_from.txt').read_text().strip())} (benchmarks/ablation.py, same "
+                     f"hiq eval command)")
+    return {"setting_note": "", "avg_bits": float(bits), "avg_bits_storage": storage_bits(model_path, bits, group),
+            "wikitext2_ppl": r["wikitext2_ppl"], "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"],
+            "peak_rss_mb": (r.get("memory") or {}).get("peak_rss_mb"), "commands": [_show(cmd)], "notes": notes}
+
+
+def run_peer(method: str, bits: int, group: int | None, d: Path, model_path: str, calibration: Path,
+             peers_python: Path, quick: int | None) -> dict:
+    qcmd = [str(peers_python), str(QUANTIZE), "--method", method, "--bits", str(bits),
+            "--group-size", str(group) if group is not None else "none", "--calibration", str(calibration),
+            "--model", model_path, "--out", str(d)]
+    peer_json = d / "peer.json"
+    if not peer_json.is_file():
+        if not Path(peers_python).is_file():
+            raise RuntimeError(f"peer venv python {peers_python} missing; run: bash benchmarks/peers/setup.sh")
+        shutil.rmtree(d / "model", ignore_errors=True)
+        _run(qcmd, d / "quantize.log")
+    peer = json.loads(peer_json.read_text())
+    grid_json = d / "grid.json"
+    if not grid_json.is_file():
+        grid = check_grid(d / "model", bits, group)  # raises GridError: the row fails loudly
+        grid_json.write_text(json.dumps(grid, indent=2) + "\n")
+    grid = json.loads(grid_json.read_text())
+    log(f"{method}: grid ok, max {grid['max_levels']} distinct values per (row, group) <= {grid['allowed']}")
+    ecmd = eval_command(str(d / "model"), d / "eval.json", quick)
+    if not (d / "eval.json").is_file():
+        _run(ecmd, d / "eval.log")
+    r = json.loads((d / "eval.json").read_text())
+    q_rss, e_rss = peer.get("peak_rss_mb"), r.get("memory", {}).get("peak_rss_mb")
+    notes = list(peer.get("notes", []))
+    notes.append(f"quantize {peer['seconds']:.0f} s ({peer['tool']} {peer['version']}), eval "
+                 f"{r['wall_time_s']:.0f} s; peak RSS quantize {q_rss} MiB / eval {e_rss} MiB")
+    return {"setting_note": peer.get("setting_note", "").split(" (")[0], "avg_bits": float(bits),
+            "avg_bits_storage": storage_bits(model_path, bits, group), "wikitext2_ppl": r["wikitext2_ppl"],
+            "c4_ppl": r["c4_ppl"], "seconds": peer["seconds"] + r["wall_time_s"],
+            "peak_rss_mb": max(x for x in (q_rss, e_rss) if x is not None) if (q_rss or e_rss) else None,
+            "commands": [_show(qcmd), _show(ecmd)], "notes": notes}
+
+
+def run_hiq(method: str, setting: str, d: Path, reuse: Path | None, quick: int | None) -> dict:
+    abl_name, options = HIQ_FIT_ROWS[method]
+    cmd = [*HIQ, "fit", "--config", f"configs/tiny/{setting}.yaml", f"--trainer.default_root_dir={d}", *options]
+    if quick:
+        cmd.append(f"--evaluation.max_windows={quick}")
+    notes = []
+    if not (d / "metrics.json").is_file():
+        src = reuse / setting / abl_name if reuse else None
+        if src is not None and not quick and (src / "metrics.json").is_file():
+            log(f"{method}: reusing finished run {src}")
+            if d.exists():
+                shutil.rmtree(d)
+            shutil.copytree(src, d)
+            (d / "reused_from.txt").write_text(f"{src}\n")
+        else:
+            _run(cmd, d.parent / f"{d.name}.log")
+    if (d / "reused_from.txt").is_file():
+        notes.append(f"reused from {_rel((d / 'reused_from.txt').read_text().strip())} (benchmarks/ablation.py, same "
+                     f"hiq fit options)")
+    m = json.loads((d / "metrics.json").read_text())
+    seconds = sum(v for k, v in m["stage_seconds"].items() if k != "export")
+    return {"setting_note": m.get("setting", ""), "avg_bits": m["avg_bits"], "avg_bits_storage": m["avg_bits_storage"],
+            "wikitext2_ppl": m["wikitext2_ppl"], "c4_ppl": m["c4_ppl"], "seconds": seconds,
+            "peak_rss_mb": (m.get("memory") or {}).get("peak_rss_mb"), "commands": [_show(cmd)], "notes": notes}
+
+
+# ---------------------------------------------------------------------------------------------- table
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(rows: list[dict], calib: dict, reuse: Path | None, quick: int | None) -> str:
+    lines = ["| method | setting | avg bits | avg bits (storage) | WikiText-2 ppl | C4-sample ppl | wall time s "
+             "| peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        setting = r["label_setting"] + (f" ({r['setting_note']})" if r.get("setting_note") else "")
+        if r.get("error"):
+            lines.append(f"| {r['label']} | {setting} | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['label']} | {setting} | {r['avg_bits']:.3f} | {r['avg_bits_storage']:.3f} | "
+                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['seconds']:.0f} | "
+                     f"{_fmt(r['peak_rss_mb'], '.0f')} |")
+    notes = [""]
+    if calib:
+        notes.append(
+            f"Calibration (every calibrated method: GPTQ, AWQ, AutoRound, hiq): {calib['count']} windows x "
+            f"{calib['length']} tokens of {calib['dataset']}, seed {calib['seed']}, written once by "
+            f"hiq.modules.CalibrationData to calibration.pt (hiq fit draws the identical windows itself); "
+            f"RTN and HQQ use no data.")
+    notes += [
+        "avg bits = code bits per weight (b; hiq rows: metrics.json avg_bits). avg bits (storage) adds an fp16 "
+        "scale + b-bit zero per group or row for every row alike (hiq.quant.bits 'storage').",
+        "All perplexities from `hiq eval` (peers: their dequantised checkpoint with --quant.method=none). Peer "
+        "checkpoints passed the grid check (<= 2^b distinct values per row and group) before scoring.",
+        "Wall time: RTN = hiq eval; peers = quantize + hiq eval; hiq rows = sum of stage_seconds (Fisher, M, "
+        "ratios, reconstruction, evaluation; export off). Peak memory = max RSS of the processes of the row.",
+    ]
+    if quick:
+        notes.append(f"QUICK RUN: evaluation on the first {quick} windows of each set only; not comparable.")
+    if reuse:
+        notes.append(f"--reuse {_rel(reuse)}: rows marked 'reused' (hiq fit runs, RTN eval JSON) were copied from "
+                     f"finished runs there (benchmarks/ablation.py, identical commands), not recomputed.")
+    notes.append("")
+    for r in rows:
+        head = f"- {r['label']}, {r['label_setting']}:"
+        if r.get("error"):
+            notes.append(f"{head} {'' if r['error'].startswith('not run') else 'FAILED: '}{r['error']}")
+            continue
+        for n in r["notes"]:
+            head += f" {n};"
+        notes.append(head.rstrip(";"))
+        for c in r["commands"]:
+            notes.append(f"  - `{c}`")
+    return "\n".join(lines + notes)
+
+
+def _finished(method: str, d: Path, setting: str, reuse: Path | None) -> bool:
+    """Whether a row can be read back without computing (its cache, or a --reuse source, is complete)."""
+    if method == "rtn":
+        return (d / "eval.json").is_file() or bool(reuse and (reuse / setting / "rtn.json").is_file())
+    if method in PEERS:
+        return (d / "peer.json").is_file() and (d / "eval.json").is_file()
+    src = reuse / setting / HIQ_FIT_ROWS[method][0] if reuse else None
+    return (d / "metrics.json").is_file() or bool(src and (src / "metrics.json").is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=["w2", "w3", "w2-g128", "w3-g128"],
+                   help="configs/tiny/<setting>.yaml (w2, w2-g128, w2-g64, w3, w3-g128, w3-g64)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--out", default="runs/bench", help="cache: <out>/<setting>/<method>/")
+    p.add_argument("--reuse", default=None, help="copy finished <reuse>/<setting>/{lwc,ours} hiq runs and "
+                                                 "<reuse>/<setting>/rtn.json (e.g. runs/ablation, written by "
+                                                 "benchmarks/ablation.py with the identical commands) instead of "
+                                                 "recomputing those rows")
+    p.add_argument("--peers-venv-dir", default=str(ROOT),
+                   help="directory holding .venv-peers and .venv-peers-autoround (benchmarks/peers/setup.sh)")
+    p.add_argument("--eval-max-windows", type=int, default=None,
+                   help="quick plumbing runs: score only the first N windows per eval set (not comparable)")
+    p.add_argument("--keep-going", action="store_true", help="a failed row is reported in the table")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: print the table of the finished rows, the others as 'not run'")
+    args = p.parse_args(argv)
+
+    from hiq.model import resolve_model_path
+
+    out = Path(args.out).resolve()
+    reuse = Path(args.reuse).resolve() if args.reuse else None
+    model_path = resolve_model_path("tiny-llama")
+    specs = {s: setting_spec(s) for s in args.settings}
+    datas = {json.dumps(c["data"], sort_keys=True) for _, _, c in specs.values()}
+    if len(datas) != 1:
+        raise SystemExit("the settings' data sections differ; run them in separate --out directories")
+    first_cfg = next(iter(specs.values()))[2]
+    if any(c["model"]["model_path"] != "tiny-llama" for _, _, c in specs.values()):
+        raise SystemExit("peers.py benchmarks the bundled tiny-llama only")
+    calibration, calib = None, None
+    if any(m in CALIBRATED or m in PEERS for m in args.methods):  # quantize.py takes --calibration always
+        calibration, calib = write_calibration(out, first_cfg, model_path)
+        log(f"calibration {calibration}: {calib['count']} x {calib['length']} tokens, seed {calib['seed']}")
+
+    rows = []
+    for setting, (bits, group, _) in specs.items():
+        for method in [m for m in METHODS if m in args.methods]:
+            d = out / setting / method
+            row = {"label": LABELS[method], "label_setting": f"{setting}: {setting_label(bits, group)}",
+                   "method": method, "setting": setting}
+            log(f"{setting} / {method} ...")
+            t0 = time.time()
+            if args.cached_only and not _finished(method, d, setting, reuse):
+                row["error"] = "not run (no finished result in the cache; rerun without --cached-only)"
+                rows.append(row)
+                continue
+            try:
+                if method == "rtn":
+                    row.update(run_rtn(setting, bits, group, d, model_path, reuse, args.eval_max_windows))
+                elif method in PEERS:
+                    python = Path(args.peers_venv_dir) / PEER_VENVS[method] / "bin" / "python"
+                    row.update(run_peer(method, bits, group, d, model_path, calibration, python,
+                                        args.eval_max_windows))
+                else:
+                    row.update(run_hiq(method, setting, d, reuse, args.eval_max_windows))
+            except (RuntimeError, GridError, FileNotFoundError) as err:
+                if not args.keep_going:
+                    raise
+                row["error"] = str(err).splitlines()[0]
+                log(f"{setting} / {method} FAILED: {err}")
+            log(f"{setting} / {method} done in {time.time() - t0:.0f} s")
+            rows.append(row)
+    table = render(rows, calib, reuse, args.eval_max_windows)
+    (out / "table.md").write_text(table + "\n")
+    (out / "table.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    print(table)
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Quantize a Hugging Face causal LM with a peer PTQ tool, through the tool's own public API.
+
+Runs inside a peer venv made by benchmarks/peers/setup.sh (it does not import hiq):
+
+    .venv-peers/bin/python benchmarks/peers/quantize.py --method gptq|awq|hqq ...
+    .venv-peers-autoround/bin/python benchmarks/peers/quantize.py --method autoround ...
+        --bits B --group-size G|none --calibration <out>/calibration.pt --model <path> --out <dir>
+
+Writes ``<dir>/model``: a plain ``save_pretrained`` checkpoint (float32) whose block linears hold the tool's
+DEQUANTISED weights (every other parameter as the tool left it: AWQ folds its scales into the norms), with
+the tokenizer; and ``<dir>/peer.json``: method, tool and version, bits, group size, seconds (model load to
+dequantised weights, saving excluded), peak RSS MiB (``resource.getrusage``), the options used.
+
+Matched to hiq's settings: bits, group size (``none`` = one scale/zero per output row), asymmetric grids
+(scale + zero point), the same calibration windows (int64 [n, seqlen] from ``calibration.pt``). Everything
+else is the tool's own default; the options actually passed are written to peer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def log(msg: str) -> None:
+    print(f"[quantize {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def is_block_linear(name: str, module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and ".layers." in name and name.split(".")[-1] in BLOCK_LINEARS
+
+
+def load(model_path: str):
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+# ------------------------------------------------------------------------------------------- llmcompressor
+def quantize_llmcompressor(method: str, model, tokenizer, calib: torch.Tensor, bits: int, group: int | None):
+    """GPTQModifier, or AWQModifier + QuantizationModifier, with an asymmetric int scheme on the Linears."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False,
+                               strategy="channel" if group is None else "group", group_size=group)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if method == "gptq":
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    else:
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    notes = ["asymmetric int (scale + int zero point)"]
+    if method == "awq" and not torch.accelerator.is_available():
+        # llmcompressor 0.14's AWQ pins its CPU activation cache (IntermediatesCache.pin_memory) unconditionally,
+        # which raises "Cannot access accelerator device when none is available" on a CPU-only machine.
+        # Pinning only speeds up host-to-device copies; with no device it is a no-op, so make it one.
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
+        notes.append("CPU workaround: torch.Tensor.pin_memory made a no-op (llmcompressor AWQ pins its cache "
+                     "unconditionally and fails without an accelerator)")
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
+    deq = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not is_block_linear(name, module):
+                continue
+            if not hasattr(module, "weight_scale"):
+                raise RuntimeError(f"{method}: {name} was not quantized by llmcompressor")
+            if getattr(module, "weight_g_idx", None) is not None:
+                raise RuntimeError(f"{method}: {name} has a g_idx (activation-order groups); not handled")
+            args = module.quantization_scheme.weights
+            deq[name] = fake_quantize(module.weight.detach().float(), module.weight_scale.float(),
+                                      module.weight_zero_point, args).float()
+    options = {"scheme": weights.model_dump(mode="json"), "targets": ["Linear"], "ignore": ["lm_head"],
+               "recipe": [type(m).__name__ for m in recipe], "num_calibration_samples": calib.shape[0],
+               "max_seq_length": calib.shape[1], "shuffle_calibration_samples": False,
+               "dequantise": "compressed_tensors fake_quantize(weight, weight_scale, weight_zero_point)"}
+    if method == "gptq":
+        g = recipe[0]
+        options.update(block_size=g.block_size, dampening_frac=g.dampening_frac, actorder=str(g.actorder))
+    else:
+        options.update(duo_scaling=recipe[0].duo_scaling, n_grid=recipe[0].n_grid, mappings="inferred (default)")
+    return deq, options, notes, ("llmcompressor", version("llmcompressor"))
+
+
+# ------------------------------------------------------------------------------------------- auto-round
+def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: int | None, out: Path):
+    """AutoRound(...).quantize_and_save(format="fake"): the tool's own export of QDQ (dequantised) weights."""
+    from auto_round import AutoRound
+    from safetensors.torch import load_file
+
+    kwargs = dict(bits=bits, group_size=-1 if group is None else group, sym=False,
+                  dataset=[row.unsqueeze(0) for row in calib], nsamples=calib.shape[0], seqlen=calib.shape[1],
+                  device_map="cpu")
+    fake_dir = out / "autoround-fake"
+    timing = fake_dir / "timing.json"  # written right after the export, so a later failure can resume from it
+    options = {k: v for k, v in kwargs.items() if k != "dataset"}
+    if timing.is_file():
+        log(f"reusing the finished AutoRound export in {fake_dir}")
+        reused = json.loads(timing.read_text())
+        options.update(reused.get("options", {}))
+    else:
+        t0 = time.time()
+        ar = AutoRound(model, tokenizer, **kwargs)
+        ar.quantize_and_save(output_dir=str(fake_dir), format="fake")  # writes <fake_dir>/<model name>-w<b>a16/
+        for attr in ("iters", "lr", "minmax_lr", "batch_size", "enable_minmax_tuning", "amp", "amp_dtype",
+                     "scale_dtype", "data_type", "enable_quanted_input", "enable_torch_compile"):
+            value = getattr(ar, attr, None)
+            if value is not None:
+                options[attr] = value if isinstance(value, (int, float, bool, str)) else str(value)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        reused = {"seconds": time.time() - t0, "peak_rss_mb": round(rss, 1), "options": options}
+        timing.write_text(json.dumps(reused, indent=2) + "\n")
+        reused = None
+    state = {}
+    for f in sorted(fake_dir.rglob("*.safetensors")):
+        state.update(load_file(str(f)))
+    deq = {k[: -len(".weight")]: v.float() for k, v in state.items()
+           if k.endswith(".weight") and ".layers." in k and k.split(".")[-2] in BLOCK_LINEARS}
+    options["dataset"] = f"{calib.shape[0]} tensors [1, {calib.shape[1]}] from calibration.pt"
+    options["dequantise"] = "quantize_and_save(format='fake') checkpoint, block linear weights"
+    notes = ["asymmetric (sym=False)"]
+    if reused is not None:
+        notes.append(f"quantization reused from a finished export in {fake_dir.name}/ (timing.json: "
+                     f"{reused.get('note', 'seconds and peak RSS of the run that made it')})")
+    return deq, options, notes, ("auto-round", version("auto-round")), state, reused
+
+
+# ------------------------------------------------------------------------------------------- hqq
+def quantize_hqq(model, bits: int, group: int | None):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    deq, notes = {}, ["calibration-free; asymmetric, zero point kept in float (not rounded for 2/3 bits)"]
+    used = None
+    for name, module in list(model.named_modules()):
+        if not is_block_linear(name, module):
+            continue
+        # axis=1: groups of consecutive input columns; per-channel = one group spanning the whole row
+        gs = module.in_features if group is None else group
+        cfg = BaseQuantizeConfig(nbits=bits, group_size=gs, axis=1)
+        layer = HQQLinear(module, cfg, compute_dtype=torch.float32, device="cpu", del_orig=False)
+        deq[name] = layer.dequantize().reshape(module.weight.shape).float().clone()
+        used = cfg
+    if group is None:
+        notes.append("per-channel as group_size=in_features (hqq's group_size=None fails to dequantize 3-bit)")
+        used["weight_quant_params"]["group_size"] = "in_features of each layer"
+    options = {"quant_config": json.loads(json.dumps(used, default=str)), "compute_dtype": "float32",
+               "device": "cpu", "api": "hqq.core.quantize.HQQLinear(...).dequantize()"}
+    return deq, options, notes, ("hqq", version("hqq"))
+
+
+# ------------------------------------------------------------------------------------------- main
+def save_dequantised(model_path: str, deq: dict[str, torch.Tensor], source_state: dict[str, torch.Tensor],
+                     out: Path) -> None:
+    """A fresh copy of the original model, with the tool's parameters (names it shares) and dequantised
+    block linears, saved as a plain float32 checkpoint plus the tokenizer."""
+    fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    state = fresh.state_dict()
+    new = {}
+    for key, value in state.items():
+        mod = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and mod in deq:
+            new[key] = deq[mod]
+        elif key in source_state and source_state[key].shape == value.shape:
+            new[key] = source_state[key].detach().float()
+        else:
+            new[key] = value
+        if new[key].shape != value.shape:
+            raise RuntimeError(f"{key}: shape {tuple(new[key].shape)} != {tuple(value.shape)}")
+    missing = [m for m in deq if f"{m}.weight" not in state]
+    if missing:
+        raise RuntimeError(f"dequantised layers not in the model: {missing[:3]}")
+    fresh.load_state_dict(new, strict=True)
+    fresh.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=["gptq", "awq", "autoround", "hqq"])
+    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--group-size", required=True, help="input columns per group, or 'none' for per-channel")
+    p.add_argument("--calibration", required=True, help="int64 tensor [n, seqlen] (torch.save)")
+    p.add_argument("--model", required=True, help="save_pretrained directory of the model to quantize")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    group = None if args.group_size.lower() in ("none", "null", "-1", "0") else int(args.group_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    calib = torch.load(args.calibration).to(torch.int64)
+    if calib.dim() != 2:
+        raise SystemExit(f"{args.calibration}: expected [n, seqlen], got {tuple(calib.shape)}")
+    log(f"{args.method} W{args.bits} {'per-channel' if group is None else f'g{group}'}; "
+        f"calibration {tuple(calib.shape)}")
+    t0 = time.time()
+    model, tokenizer = load(args.model)
+    n_linears = sum(is_block_linear(n, m) for n, m in model.named_modules())
+    if args.method in ("gptq", "awq"):
+        deq, options, notes, tool = quantize_llmcompressor(args.method, model, tokenizer, calib, args.bits, group)
+        qmodel = model
+    elif args.method == "autoround":
+        deq, options, notes, tool, fake_state, reused = quantize_autoround(model, tokenizer, calib, args.bits,
+                                                                            group, out)
+        qmodel = None
+    else:
+        deq, options, notes, tool = quantize_hqq(model, args.bits, group)
+        qmodel = model
+        notes.insert(0, "calibration.pt not used (HQQ needs no data)")
+    if len(deq) != n_linears:
+        raise RuntimeError(f"{args.method}: dequantised {len(deq)} of {n_linears} block linears")
+    if qmodel is not None:
+        source_state = {k: v for k, v in qmodel.state_dict().items() if isinstance(v, torch.Tensor)}
+    else:  # AutoRound: its exported fake checkpoint
+        source_state = fake_state
+    seconds = time.time() - t0
+    if args.method == "autoround" and reused is not None:  # the export's own run time, not this re-read
+        seconds = reused["seconds"]
+    save_dequantised(args.model, deq, source_state, out / "model")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if args.method == "autoround" and reused is not None:
+        rss = max(rss, reused["peak_rss_mb"])
+    info = {"method": args.method, "tool": tool[0], "version": tool[1], "bits": args.bits, "group_size": group,
+            "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1), "options": options, "notes": notes,
+            "setting_note": "; ".join(n for n in notes if n.startswith("per-channel as")),
+            "calibration": {"path": str(args.calibration), "shape": list(calib.shape)},
+            "torch": torch.__version__, "transformers": version("transformers"), "layers": len(deq)}
+    (out / "peer.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log(f"done in {seconds:.1f} s; wrote {out / 'model'} and {out / 'peer.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
