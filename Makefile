@@ -49,8 +49,8 @@ ablation: $(STAMP)
 # README's peer table: hiq vs RTN, GPTQ, AWQ (llmcompressor), AutoRound, HQQ on the bundled model. The peers run in
 # their own venvs (.venv-peers, .venv-peers-autoround; their pins clash with ours); every row is cached in runs/bench
 bench: $(STAMP)
-	bash benchmarks/peers/setup.sh
-	$(PY) benchmarks/peers.py --reuse runs/ablation --keep-going
+	bash benchmarks/peer_tools/setup.sh
+	$(PY) benchmarks/peer_table.py --reuse runs/ablation --keep-going
 
 # configs/*/*.yaml are written by one script from one template
 configs: $(STAMP)

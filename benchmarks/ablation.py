@@ -10,8 +10,9 @@ Rows per setting (W2 per-channel, W3 per-channel, W2 g64 by default):
   + uniform + hybrid          uniform ratios, high-impact columns through AdaRound
   + optimal + hybrid (ours)   the method
 
-Every row is one ``hiq`` command (printed in the table) run as a subprocess; its run directory under
-``--out`` is its cache, so a rerun only computes what is missing (``hiq fit`` resumes by itself). Fisher scores
+Every row is one call of the Python API (``hiq.api.FitConfig.run`` / ``hiq.evaluate``), printed under the table as
+the equivalent ``hiq`` command; its run directory under ``--out`` is its cache, so a rerun only computes what is
+missing (a run resumes by itself). Fisher scores
 and M are computed once per setting by the "ours" row and copied into the other rows' run directories, so
 those rows reuse them; the time column adds the stage times a row depends on (Fisher, and M only where
 the ratios come from the MILP), measured where they were computed, plus reconstruction and evaluation.
@@ -24,72 +25,81 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-HIQ = [sys.executable, "-m", "hiq"]  # this interpreter's hiq, console script installed or not
+import hiq
+from hiq.api import FitConfig
 
-FIT_ROWS = [  # name, label, extra options
-    ("ours", "+ optimal + hybrid (ours)", ["--ratios.mode=optimal", "--reconstruction.high_quantizer=adaround"]),
-    ("lwc", "LWC only", ["--ratios.mode=fixed", "--ratios.fixed_ratio=0.0", "--sensitivity.enabled=false",
-                         "--reconstruction.high_quantizer=lwc"]),
-    ("uniform", "+ uniform ratio", ["--ratios.mode=uniform", "--sensitivity.enabled=false",
-                                    "--reconstruction.high_quantizer=lwc"]),
-    ("optimal", "+ optimal ratio", ["--ratios.mode=optimal", "--reconstruction.high_quantizer=lwc"]),
-    ("uniform-hybrid", "+ uniform + hybrid", ["--ratios.mode=uniform", "--sensitivity.enabled=false",
-                                              "--reconstruction.high_quantizer=adaround"]),
+FIT_ROWS = [  # name, label, options (hiq fit's --section.key=value)
+    ("ours", "+ optimal + hybrid (ours)", {"ratios.mode": "optimal", "reconstruction.high_quantizer": "adaround"}),
+    ("lwc", "LWC only", {"ratios.mode": "fixed", "ratios.fixed_ratio": 0.0, "sensitivity.enabled": False,
+                         "reconstruction.high_quantizer": "lwc"}),
+    ("uniform", "+ uniform ratio", {"ratios.mode": "uniform", "sensitivity.enabled": False,
+                                    "reconstruction.high_quantizer": "lwc"}),
+    ("optimal", "+ optimal ratio", {"ratios.mode": "optimal", "reconstruction.high_quantizer": "lwc"}),
+    ("uniform-hybrid", "+ uniform + hybrid", {"ratios.mode": "uniform", "sensitivity.enabled": False,
+                                              "reconstruction.high_quantizer": "adaround"}),
 ]
 ORDER = ["rtn", "lwc", "uniform", "optimal", "uniform-hybrid", "ours"]
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    print(f"== {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}); see {log}")
-    return time.time() - t0
+def parse_options(items: list[str]) -> dict:
+    """``["--reconstruction.iterations=100", ...]`` -> ``{"reconstruction.iterations": 100}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise SystemExit(f"option {item!r}: expected --section.key=value")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
-def run_setting(setting: str, out: Path, extra: list[str]) -> dict[str, dict]:
+def as_command(*head: str, options: dict) -> str:
+    """The ``hiq`` command line equivalent to an API call with these options."""
+    def fmt(v):
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(["hiq", *head, *(f"--{k}={fmt(v)}" for k, v in options.items())])
+
+
+def run_setting(setting: str, out: Path, extra: dict) -> dict[str, dict]:
     config = f"configs/tiny/{setting}.yaml"
     cfg = yaml.safe_load(Path(config).read_text())
-    bits, group = cfg["model"]["bits_low"], cfg["model"]["group_size"]
+    bits, group = cfg["quant"]["bits"], cfg["quant"]["group_size"]
     base = out / setting
     rows: dict[str, dict] = {}
     rtn_json = base / "rtn.json"
-    rtn_cmd = [*HIQ, "eval", "--config", "configs/tiny/rtn-w2.yaml", f"--quant.bits={bits}",
-               f"--quant.group_size={group or 'null'}", "--quant.avg_bits_convention=weights_only",
-               f"--output={rtn_json}"]
+    rtn = hiq.RTNOptions(bits=bits, group_size=group, avg_bits_convention="weights_only")
     if not rtn_json.is_file():
-        _run(rtn_cmd, base / "rtn.log")
+        print(f"== {setting}: RTN", file=sys.stderr, flush=True)
+        hiq.evaluate("tiny-llama", evaluation=hiq.EvaluationOptions(batch_size=4), quant=rtn, output=rtn_json)
     r = json.loads(rtn_json.read_text())
     rows["rtn"] = {"label": "RTN", "avg_bits": r["avg_bits"], "wikitext2_ppl": r["wikitext2_ppl"],
                    "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"],
-                   "command": " ".join(["hiq", *rtn_cmd[len(HIQ):]])}
+                   "command": as_command("eval", "--config", "configs/tiny/rtn-w2.yaml", options={
+                       "quant.bits": bits, "quant.group_size": group, "quant.avg_bits_convention": "weights_only",
+                       "output": rtn_json})}
     for name, label, options in FIT_ROWS:
         run = base / name
         if name != "ours" and not (run / "fisher.pt").exists():  # share Fisher and M of the "ours" row
             run.mkdir(parents=True, exist_ok=True)
             shutil.copy(base / "ours" / "fisher.pt", run / "fisher.pt")
-            if "--sensitivity.enabled=false" not in options:
+            if options.get("sensitivity.enabled", True):
                 shutil.copytree(base / "ours" / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
-        cmd = [*HIQ, "fit", "--config", config, f"--trainer.default_root_dir={run}", *options,
-               "--export.enabled=false", *extra]
+        row = {**options, "export.enabled": False, **extra}
+        cmd = as_command("fit", "--config", config, f"--trainer.default_root_dir={run}", options=row)
         if not (run / "metrics.json").is_file():
-            _run(cmd, base / f"{name}.log")
+            print(f"== {cmd}", file=sys.stderr, flush=True)
+            FitConfig.load(config, **row).run(run)
         m = json.loads((run / "metrics.json").read_text())
         st = m["stage_seconds"]
         seconds = sum(v for k, v in st.items() if k != "export")
         rows[name] = {"label": label, "avg_bits": m["avg_bits"], "wikitext2_ppl": m["wikitext2_ppl"],
                       "c4_ppl": m["c4_ppl"], "seconds": seconds, "stage_seconds": st,
-                      "blocks": m.get("blocks"), "command": " ".join(["hiq", *cmd[len(HIQ):]])}
+                      "blocks": m.get("blocks"), "command": cmd}
     return rows
 
 
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     tables = {}
     for setting in args.settings:
-        tables[setting] = run_setting(setting, out, args.extra)
+        tables[setting] = run_setting(setting, out, parse_options(args.extra))
         (out / setting / "table.json").write_text(json.dumps(tables[setting], indent=2) + "\n")
     for setting, rows in tables.items():
         print(f"\n**{setting}** (configs/tiny/{setting}.yaml)\n")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The same ``hiq fit`` on the CPU and on one CUDA GPU, side by side: stage times, their ratio, the results.
 
-Each row is one ``hiq fit`` (printed under the table) in its own run directory under ``--out``; a finished
+Each row is one ``hiq fit`` (printed under the table) in its own process and run directory under ``--out`` (a
+subprocess on purpose: each device's timings and peak memory are those of a fresh process); a finished
 row is read back rather than rerun (delete its directory to time it again). Both rows run in one invocation
 on one machine, so the ratio column compares like with like. Without a visible GPU only the CPU row runs.
 

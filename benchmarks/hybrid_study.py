@@ -5,7 +5,8 @@ Every row quantizes ``--config`` with the same Fisher scores and M (computed onc
 after the ratios, and copied into each row's run directory), so rows differ only in the options listed:
 the ratio mode (the MILP's or uniform), the high-impact quantizer (``lwc`` or ``adaround``), the steps per
 block and AdaRound's regulariser weight lambda. Rows run ``--jobs`` at a time (useful on a GPU, where one
-tiny-model fit leaves the device mostly idle); a finished row is read back, not rerun.
+tiny-model fit leaves the device mostly idle), each in its own process (``hiq fit`` as a subprocess: parallel
+rows need separate processes); a finished row is read back, not rerun.
 
     python benchmarks/hybrid_study.py [--config configs/tiny/w2.yaml] [--out runs/hybrid_study] \\
         [--iterations 400 1200] [--round-weights 0.01 0.1] [--jobs 1] [--extra ...]

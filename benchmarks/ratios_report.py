@@ -31,7 +31,7 @@ def summarise(run: Path) -> str:
         "",
         f"- setting: b_N={ratios['bits_low']}, b_H={ratios['bits_high']}, candidates {ratios['candidates']}, "
         f"target {ratios['target_avg_bits']} avg bits -> achieved {ratios['achieved_avg_bits']:.4f}",
-        f"- Fisher: {fisher['samples']} samples x {fisher['meta']['seqlen']} tokens in {fisher['seconds']:.1f}s",
+        f"- Fisher: {fisher['samples']} samples x {fisher['calibration']['seqlen']} tokens in {fisher['seconds']:.1f}s",
         f"- M: {len(blocks)} blocks, {evals} block evaluations ({evals // max(1, len(blocks))} per block) on "
         f"{blocks[0]['samples']} samples, {seconds:.1f}s ({seconds / max(1, len(blocks)):.1f}s per block)",
     ]

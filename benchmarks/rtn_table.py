@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The README's RTN table on the bundled model: FP and RTN W4/W3/W2 x per-channel/g128/g64.
 
-Each row is exactly one ``hiq eval`` command (printed in the table), run in-process; its JSON is cached
-under ``--out`` so a rerun only computes missing rows (``--force`` recomputes all).
+Each row is one :func:`hiq.evaluate` call, printed in the table as the equivalent ``hiq eval`` command; its JSON
+is cached under ``--out`` so a rerun only computes missing rows (``--force`` recomputes all).
 
     python benchmarks/rtn_table.py            # or: make rtn-table
 """
@@ -14,14 +14,16 @@ import json
 import sys
 from pathlib import Path
 
-from hiq.cli import main as hiq_main
+import hiq
 
 CONFIG = "configs/tiny/rtn-w2.yaml"
-ROWS: list[tuple[str, list[str]]] = [("fp", ["--config", "configs/tiny/fp.yaml"])]
+ROWS: list[tuple[str, list[str], hiq.RTNOptions]] = [("fp", ["--config", "configs/tiny/fp.yaml"],
+                                                      hiq.RTNOptions(method="none"))]
 for bits in (4, 3, 2):
     for group in (None, 128, 64):
         name = f"rtn-w{bits}-{'pc' if group is None else f'g{group}'}"
-        ROWS.append((name, ["--config", CONFIG, f"--quant.bits={bits}", f"--quant.group_size={group or 'null'}"]))
+        ROWS.append((name, ["--config", CONFIG, f"--quant.bits={bits}", f"--quant.group_size={group or 'null'}"],
+                     hiq.RTNOptions(bits=bits, group_size=group)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     results = []
-    for name, cli in ROWS:
+    for name, cli, quant in ROWS:
         path = out / f"{name}.json"
         extra = [f"--model.path={args.model}"] if args.model else []
         cmd = ["eval", *cli, *extra, f"--output={path}"]
         if args.force or not path.is_file():
             print(f"== {name}: hiq {' '.join(cmd)}", file=sys.stderr, flush=True)
-            if hiq_main(cmd) != 0:
-                return 1
+            # the configs' evaluation section: WikiText-2 and C4, windows of the model's context, batches of 4
+            hiq.evaluate(args.model or "tiny-llama", evaluation=hiq.EvaluationOptions(batch_size=4), quant=quant,
+                         output=path)
         results.append((cli + extra, json.loads(path.read_text())))
     fp = results[0][1]
     print("| setting | avg bits (storage) | avg bits (paper) | WikiText-2 ppl | C4-sample ppl | wall s | command |")

@@ -1,3 +1,44 @@
-"""hiq: layer-wise high-impact parameter ratio optimization for post-training quantization of LLMs."""
+"""hiq: layer-wise high-impact parameter ratio optimization for post-training quantization of LLMs.
 
-__version__ = "0.1.0"
+The Python API (:mod:`hiq.api`)::
+
+    import hiq
+    result = hiq.quantize("tiny-llama", recipe=hiq.Recipe(), calibration="wikitext2", run_dir="runs/x")
+    hiq.evaluate(result.model, result.tokenizer)
+"""
+
+from hiq.api import QuantizeResult, RTNOptions, evaluate, quantize
+from hiq.layouts import ModelLayout, register_layout
+from hiq.recipe import (
+    CalibrationOptions,
+    EvaluationOptions,
+    ExportOptions,
+    ModelOptions,
+    PlotOptions,
+    QuantOptions,
+    RatioOptions,
+    Recipe,
+    ReconstructionOptions,
+    SensitivityOptions,
+)
+from hiq.version import __version__
+
+__all__ = [
+    "__version__",
+    "CalibrationOptions",
+    "EvaluationOptions",
+    "ExportOptions",
+    "ModelLayout",
+    "ModelOptions",
+    "PlotOptions",
+    "QuantOptions",
+    "QuantizeResult",
+    "RTNOptions",
+    "RatioOptions",
+    "Recipe",
+    "ReconstructionOptions",
+    "SensitivityOptions",
+    "evaluate",
+    "quantize",
+    "register_layout",
+]

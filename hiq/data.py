@@ -130,7 +130,7 @@ def load_text(name: str, split: str = "test") -> TextSet:
             ds = datasets.load_dataset(
                 "text", data_files={split: str(path)}, split=split, keep_linebreaks=True
             )
-            # The HF "wikitext" rows: each line with its "\n", blank lines as "" (PREPROCESSING.md §1).
+            # The HF "wikitext" rows: each line with its "\n", blank lines as "", as the hub dataset stores them.
             rows = tuple(r if r.strip() else "" for r in ds["text"])
             note = "official <unk> tokens variant (raw train not bundled)" if split == "train" else ""
             text_set = TextSet(name, split, rows, "\n\n", note)

@@ -13,15 +13,19 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from hiq.model import all_block_linears
-
 
 class FisherAccumulator:
     """Per-column sums of squared per-sample gradients for every block linear of a model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Linear]] | None = None):
+        """``layers``: ``(name, linear)`` to score; default: the model's layout (:mod:`hiq.layouts`), keyed by full
+        module name."""
         self.model = model
-        self.layers = all_block_linears(model)
+        if layers is None:
+            from hiq.layouts import layout_for
+
+            layers = layout_for(model).linears_of(model)
+        self.layers = layers
         self.sums = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in self.layers}
         self.rows = {name: lin.out_features for name, lin in self.layers}
         self.samples = 0

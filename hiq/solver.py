@@ -268,14 +268,10 @@ def _fits(avg_bits: float, target_avg_bits: float) -> bool:
 
 
 def average_bits(ratios: Sequence[float], layers: Sequence[LayerInfo], bits_low: float, bits_high: float) -> float:
-    """Parameter-weighted average weight bits when layer ``i`` gets ratio ``ratios[i]``."""
-    if len(ratios) != len(layers):
-        raise ValueError(f"got {len(ratios)} ratios for {len(layers)} layers")
-    total = sum(int(layer.n_params) for layer in layers)
-    weighted = math.fsum(
-        int(layer.n_params) * _bits_per_weight(r, bits_low, bits_high) for r, layer in zip(ratios, layers, strict=True)
-    )
-    return weighted / total
+    """Parameter-weighted average weight bits when layer ``i`` gets ratio ``ratios[i]`` (:mod:`hiq.quant.bits`)."""
+    from hiq.quant.bits import ratio_average_bits
+
+    return ratio_average_bits(ratios, [layer.n_params for layer in layers], bits_low, bits_high)
 
 
 def achievable_range(

@@ -4,10 +4,10 @@ The five tasks of the paper's Table 2 are lm-eval task definitions in ``hiq/task
 ``data/zeroshot/`` (no download). The model is handed to lm-eval in memory (``HFLM(pretrained=<model>)``),
 so a quantized model is scored as it is, without an export round trip.
 
-Protocol (``../shared/data/PREPROCESSING.md`` section 4): 0-shot, no system prompt; each choice scored as the
-log-likelihood of its tokens given the task's standard prompt; ``acc`` = argmax of the sum, ``acc_norm`` =
-argmax of the sum divided by the choice's length in bytes. The average is over each task's usual
-headline metric (``REPORTED``: acc for PIQA, ARC-Easy and WinoGrande, acc_norm for ARC-Challenge and
+Protocol (lm-eval's multiple-choice defaults, ``data/zeroshot/README.md``): 0-shot, no system prompt; each
+choice scored as the log-likelihood of its tokens given the task's standard prompt; ``acc`` = argmax of the
+sum, ``acc_norm`` = argmax of the sum divided by the choice's length in bytes. The average is over each task's
+usual headline metric (``REPORTED``: acc for PIQA, ARC-Easy and WinoGrande, acc_norm for ARC-Challenge and
 HellaSwag); both metrics are kept per task.
 """
 

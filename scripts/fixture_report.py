@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure the bundled fixture model the way its model card reports it.
 
-Rows (WikiText-2 test and the C4 sample, protocol of ``hiq.evaluate``, seqlen = model context):
+Rows (WikiText-2 test and the C4 sample, protocol of ``hiq.perplexity``, seqlen = model context):
 FP, all blocks skipped (embeddings -> final norm -> head), RTN W3 / W2 per-channel, and a unigram model
 on the same tokenizer fitted on the training corpus (add-one smoothing), scored on exactly the tokens the
 windowed evaluation predicts. Writes ``<model>/report.json`` and prints a markdown table.
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from hiq.data import eval_windows, load_text, tokenize_text
-from hiq.evaluate import C4_MAX_WINDOWS, perplexity
 from hiq.model import find_blocks, load_model_and_tokenizer, resolve_model_path
+from hiq.perplexity import C4_MAX_WINDOWS, perplexity
 from hiq.quant import QuantSpec
 from hiq.quant.rtn import quantize_model_rtn
 

@@ -58,20 +58,28 @@ MODELS["llama-2-13b"] = {**MODELS["llama-2-7b"], "path": "meta-llama/Llama-2-13b
 TEMPLATE = """\
 # HiQ {label} (b_N={bl}, b_H={bh}, {gs_text}) on {what}.
 # Fisher scores -> matrix M -> HiGHS ratios -> hybrid AdaRound+LWC block reconstruction -> export -> perplexity.
-#   hiq fit --config configs/{model}/{name}.yaml [--trainer.default_root_dir=runs/my-run] [--model.model_path=...]
+#   hiq fit --config configs/{model}/{name}.yaml [--trainer.default_root_dir=runs/my-run] [--model.path=...]
 # Run directory: fisher.pt, sensitivity/, ratios.json, plots/, blocks/, model/, eval/, metrics.json. Rerunning with
 # the same run directory resumes at the first unfinished stage or block. Written by scripts/make_configs.py.
+# Sections quant/ratios/sensitivity/reconstruction are the Recipe (hiq.recipe); the same recipe in Python:
+#   hiq.quantize("{path}", recipe=hiq.Recipe(quant=..., ratios=...), calibration=..., run_dir=...)
 seed_everything: 0             # Lightning's seed; every stage also has its own explicit seed below
 model:
-  model_path: {path}    # a save_pretrained dir, a hub id, or tiny-llama (bundled)
+  path: {path}          # a save_pretrained dir, a hub id, or tiny-llama (bundled)
   dtype: {dtype}             # weights dtype while quantizing: {dtype_note}
   trust_remote_code: false     # let transformers run code shipped with a hub model
-  bits_low: {bl}                  # b_N: bits of the normal columns
-  bits_high: {bh}                 # b_H: bits of the high-impact columns (paper: b_N + 1)
+quant:
+  bits: {bl}                       # b_N: bits of the normal columns
+  bits_high: {bh}                  # b_H: bits of the high-impact columns (paper: b_N + 1)
   group_size: {gs}             # null = one scale/zero per output row and part; else columns per group
+ratios:
   candidates: [0.02, 0.05, 0.10, 0.15, 0.20]   # candidate ratios B (paper Section 4.1)
   target_avg_bits: {budget}          # budget: mean weight bits over the block linears, group overhead excluded
                                # ({budget_note})
+  mode: optimal                # optimal (MILP of Eq. 9) | uniform | fixed (ablations)
+  fixed_ratio: null            # the ratio for mode=fixed
+  time_limit: 300              # seconds for HiGHS
+  mip_rel_gap: 0.0             # 0 = prove optimality
 data:
   dataset: wikitext2           # calibration text: WikiText-2 train (bundled, <unk> tokens variant)
   split: train
@@ -88,11 +96,6 @@ sensitivity:
   fidelity_assignments: {fidelity}      # random assignments per block to check δᵀMδ/2 against the measured loss
   fidelity_seed: 0
   enabled: true                # off only for ratios.mode uniform/fixed
-ratios:
-  mode: optimal                # optimal (MILP of Eq. 9) | uniform | fixed (ablations)
-  fixed_ratio: null            # the ratio for mode=fixed
-  time_limit: 300              # seconds for HiGHS
-  mip_rel_gap: 0.0             # 0 = prove optimality
 plots:
   enabled: true                # Figure 1/2 analogs in <run dir>/plots
 reconstruction:

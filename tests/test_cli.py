@@ -13,14 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_eval_writes_json_with_the_table_fields(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["eval", "--config", str(REPO / "configs/tiny/rtn-w2.yaml"), "--quant.bits=3",
-               "--quant.group_size=64", "--eval.max_windows=2", f"--output={out}"])
+               "--quant.group_size=64", "--evaluation.max_windows=2", f"--output={out}"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["setting"] == "RTN W3 g64" and res["bits"] == 3 and res["group_size"] == 64
     assert 3.0 < res["avg_bits"] < 3.5 and round(res["avg_bits_paper"], 2) == 3.30
     assert res["wikitext2_ppl"] > 1 and res["c4_ppl"] > 1 and res["wall_time_s"] > 0
-    assert res["wikitext2_eval"]["windows"] == 2 and res["seqlen"] == 512
-    assert "sample" in res["c4_eval"]["note"]
+    assert res["eval"]["wikitext2"]["windows"] == 2 and res["seqlen"] == 512
+    assert "sample" in res["eval"]["c4"]["note"]
     assert json.loads(capsys.readouterr().out)["setting"] == "RTN W3 g64"
 
 
@@ -31,7 +31,7 @@ def test_eval_writes_json_with_the_table_fields(tmp_path, capsys):
         ("--quant.group_size=48", "group_size=48 is not supported"),
         ("--quant.method=gptq", "quant.method='gptq' is not supported"),
         ("--model.path=./no/such/model", "'./no/such/model' does not exist"),
-        ("--eval.datasets=[wikitext3]", "wikitext3"),
+        ("--evaluation.datasets=[wikitext3]", "wikitext3"),
     ],
 )
 def test_bad_input_fails_fast_and_writes_nothing(tmp_path, capsys, override, message):

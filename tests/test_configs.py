@@ -34,7 +34,8 @@ def test_fit_config_parses(path, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     raw = yaml.safe_load(path.read_text())
-    assert printed["model"]["target_avg_bits"] == raw["model"]["target_avg_bits"]
+    assert printed["ratios"]["target_avg_bits"] == raw["ratios"]["target_avg_bits"]
+    assert printed["quant"] == raw["quant"] and printed["model"]["path"] == raw["model"]["path"]
     assert printed["reconstruction"]["iterations"] == raw["reconstruction"]["iterations"]
     if "llama" in path.parent.name:
         assert printed["reconstruction"]["iterations"] == 5000 and printed["data"]["nsamples"] == 128

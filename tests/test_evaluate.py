@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hiq.data import eval_windows
-from hiq.evaluate import evaluate_dataset, perplexity
+from hiq.perplexity import evaluate_dataset, perplexity
 
 
 def test_perplexity_equals_direct_hf_loss(tiny, wikitext_test_ids):

@@ -8,9 +8,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import hiq
 from hiq.cli import main
 from hiq.data import eval_windows, load_text, tokenize_text
-from hiq.evaluate import perplexity
+from hiq.modules import HiQPipeline
+from hiq.perplexity import perplexity
 from tests.test_fit_ratios import SMALL
 
 E2E = json.loads(json.dumps(SMALL))
@@ -108,7 +110,7 @@ def test_changed_ratios_redo_downstream_blocks(finished, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run, other)
     cfg = json.loads(json.dumps(E2E))
-    cfg["ratios"] = {"mode": "fixed", "fixed_ratio": 0.05}
+    cfg["ratios"].update(mode="fixed", fixed_ratio=0.05)
     stamp = (other / "blocks" / "block_00.pt").stat().st_mtime_ns
     again = _fit(_config(tmp_path, cfg), other)
     assert (other / "blocks" / "block_00.pt").stat().st_mtime_ns != stamp  # ratios differ: block redone
@@ -119,7 +121,7 @@ def test_changed_ratios_redo_downstream_blocks(finished, tmp_path):
 
 def test_lwc_only_row_has_no_high_columns(tmp_path):
     cfg = json.loads(json.dumps(E2E))
-    cfg["ratios"] = {"mode": "fixed", "fixed_ratio": 0.0}
+    cfg["ratios"].update(mode="fixed", fixed_ratio=0.0)
     cfg["sensitivity"] = {"enabled": False}
     cfg["export"] = {"enabled": False}
     metrics = _fit(_config(tmp_path, cfg), tmp_path / "lwc")
@@ -139,18 +141,12 @@ def test_nan_in_a_block_stops_with_its_name_and_keeps_earlier_blocks(finished, t
     model, tokenizer = tiny_copy
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
-    ckpt = tmp_path / "nan-model"
-    model.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    cfg = json.loads(json.dumps(E2E))
-    cfg["model"]["model_path"] = str(ckpt)
-    # Fisher/M were measured on the clean model: reuse them under the new path
-    for name in ("fisher.pt", *[f"sensitivity/block_{b:02d}.pt" for b in range(8)]):
-        payload = torch.load(poisoned / name, weights_only=True)
-        payload["meta"]["model"] = str(ckpt)
-        torch.save(payload, poisoned / name)
+    # the Python API on the poisoned model in memory, under the clean model's name, so Fisher/M/ratios are reused
+    recipe = hiq.Recipe(quant=E2E["quant"], ratios=E2E["ratios"], sensitivity=E2E["sensitivity"],
+                        reconstruction=E2E["reconstruction"])
     with pytest.raises(FloatingPointError, match="block 2: reconstruction loss is nan"):
-        main(["fit", "--config", _config(tmp_path, cfg), f"--trainer.default_root_dir={poisoned}"])
+        hiq.quantize(HiQPipeline.from_model(model, tokenizer, name="tiny-llama"), recipe=recipe,
+                     calibration=E2E["data"], run_dir=poisoned, trainer={"accelerator": "cpu"})
     assert sorted(p.name for p in (poisoned / "blocks").iterdir()) == ["block_00.pt", "block_01.pt"]
     for b in (0, 1):
         torch.load(poisoned / "blocks" / f"block_{b:02d}.pt", weights_only=True)

@@ -1,29 +1,29 @@
 """`hiq fit` end to end for Algorithm 1 on the bundled model (small calibration so it runs in seconds)."""
 
 import json
+import re
 
-import pytest
 import torch
 import yaml
 
 from hiq.cli import main
 
 SMALL = {
-    "model": {"model_path": "tiny-llama", "bits_low": 2, "bits_high": 3, "candidates": [0.05, 0.2],
-              "target_avg_bits": 2.1},
+    "model": {"path": "tiny-llama"},
+    "quant": {"bits": 2, "bits_high": 3},
     "data": {"dataset": "wikitext2", "split": "train", "nsamples": 4, "seqlen": 64, "seed": 0},
     "trainer": {"accelerator": "cpu"},
     "sensitivity": {"nsamples": 2, "fidelity_assignments": 6},
-    "ratios": {"mode": "optimal"},
+    "ratios": {"candidates": [0.05, 0.2], "target_avg_bits": 2.1, "mode": "optimal"},
     "reconstruction": {"enabled": False},
     "export": {"enabled": False},
     "evaluation": {"enabled": False},
 }
 
 
-def _config(tmp_path, **model):
+def _config(tmp_path, **ratios):
     cfg = json.loads(json.dumps(SMALL))
-    cfg["model"].update(model)
+    cfg["ratios"].update(ratios)
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -54,11 +54,11 @@ def test_fit_writes_every_artifact_and_resumes(tmp_path):
     assert json.loads((run / "ratios.json").read_text())["layers"] == ratios["layers"]
 
 
-def test_infeasible_budget_fails_before_any_heavy_work(tmp_path):
+def test_infeasible_budget_fails_before_any_heavy_work(tmp_path, capsys):
     run = tmp_path / "run"
     cfg = _config(tmp_path, target_avg_bits=2.01)
-    with pytest.raises(ValueError, match=r"target_avg_bits=2.01 is infeasible.*2\.050"):
-        main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"])
+    assert main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"]) == 2
+    assert re.search(r"hiq fit: error: .*target_avg_bits=2.01 is infeasible.*2\.050", capsys.readouterr().err)
     assert not (run / "fisher.pt").exists()
 
 
@@ -67,7 +67,7 @@ def test_uniform_mode_needs_no_matrix(tmp_path):
     cfg = json.loads(json.dumps(SMALL))
     cfg["sensitivity"] = {"enabled": False}
     cfg["plots"] = {"enabled": False}
-    cfg["ratios"] = {"mode": "uniform"}
+    cfg["ratios"]["mode"] = "uniform"
     path = tmp_path / "uniform.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(path), f"--trainer.default_root_dir={run}"]) == 0
@@ -76,10 +76,11 @@ def test_uniform_mode_needs_no_matrix(tmp_path):
     assert not (run / "sensitivity").exists()
 
 
-def test_optimal_mode_without_m_is_refused(tmp_path):
+def test_optimal_mode_without_m_is_refused(tmp_path, capsys):
     cfg = json.loads(json.dumps(SMALL))
     cfg["sensitivity"] = {"enabled": False}
     path = tmp_path / "no-m.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(RuntimeError, match="sensitivity.enabled=true"):
-        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 2
+    assert "ratios.mode=optimal needs the matrix M: set sensitivity.enabled=true" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "fisher.pt").exists()

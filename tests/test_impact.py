@@ -19,7 +19,7 @@ def test_scores_equal_a_direct_per_sample_computation(tiny_copy, wikitext_test_i
         (g,) = torch.autograd.grad(model(x, labels=x).loss, lin.weight)
         expected += g.double().pow(2).sum(0)
     expected /= len(windows) * lin.out_features
-    torch.testing.assert_close(scores[name].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scores[f"model.layers.{name}"].double(), expected, rtol=1e-5, atol=0)
     assert all(s.shape == (m.in_features,) and (s > 0).all() for (n, m), s in
                zip(all_block_linears(model), scores.values(), strict=True))
 

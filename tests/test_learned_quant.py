@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from hiq.callbacks.annealing import GammaAnnealing
 from hiq.model import block_linears, find_blocks
-from hiq.quant.grid import QuantSpec, fake_quant_rtn
-from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record, record_bits
-from hiq.quant.learned import GAMMA, ZETA, AdaRoundQuantizer, LWCQuantizer, group_widths
+from hiq.quant.bits import record_bits
+from hiq.quant.grid import QuantSpec, fake_quant_rtn, group_widths
+from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record
+from hiq.quant.learned import GAMMA, ZETA, AdaRoundQuantizer, LWCQuantizer
 from hiq.quant.mixed import mixed_fake_quant
+from hiq.schedules import GammaAnnealing
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""benchmarks/peers.py: the b-bit grid check, the shared calibration file, and the table plumbing (RTN row).
+"""benchmarks/peer_table.py: the b-bit grid check, the shared calibration file, and the table plumbing (RTN row).
 
-No peer venv needed: the peer tools themselves run only in benchmarks/peers/quantize.py.
+No peer venv needed: the peer tools themselves run only in benchmarks/peer_tools/quantize.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peer_table.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_peers"] = mod
     spec.loader.exec_module(mod)
@@ -126,7 +126,7 @@ def test_rtn_row_table_plumbing(tmp_path, capsys):
     assert cells[1] == "w2-g64: W2 g64" and cells[2] == "2.000" and cells[3] == f"{2 + 18 / 64:.3f}"
     res = json.loads((out / "w2-g64" / "rtn" / "eval.json").read_text())
     assert res["method"] == "rtn" and res["bits"] == 2 and res["group_size"] == 64
-    assert res["wikitext2_eval"]["windows"] == 2
+    assert res["eval"]["wikitext2"]["windows"] == 2
     assert cells[4] == f"{res['wikitext2_ppl']:.2f}" and cells[5] == f"{res['c4_ppl']:.2f}"
     assert float(cells[7]) > 0
     assert "`hiq eval --config configs/tiny/rtn-w2.yaml --quant.bits=2 --quant.group_size=64" in table

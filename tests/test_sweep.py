@@ -32,7 +32,7 @@ def test_sweep_command_runs_offline_and_logs_into_the_run_dir(tmp_path):
     sweep = yaml.safe_load((ROOT / "configs/sweeps/tiny-w2.yaml").read_text())
     assert sweep["program"] == "hiq" and "${args}" in sweep["command"]
     cmd = agent_command(sweep, choice=0)
-    assert cmd[:3] == ["hiq", "fit", "--config"] and "--model.target_avg_bits=2.05" in cmd
+    assert cmd[:3] == ["hiq", "fit", "--config"] and "--ratios.target_avg_bits=2.05" in cmd
     run = tmp_path / "run"
     exe = str(Path(sys.executable).parent / "hiq")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "HIQ_RUN_DIR"}
@@ -41,7 +41,7 @@ def test_sweep_command_runs_offline_and_logs_into_the_run_dir(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["hparams"]["target_avg_bits"] == 2.05 and metrics["avg_bits"] <= 2.05 + 1e-9
+    assert metrics["recipe"]["ratios"]["target_avg_bits"] == 2.05 and metrics["avg_bits"] <= 2.05 + 1e-9
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
     assert not (ROOT / "wandb").exists() or (ROOT / "wandb").stat().st_mtime < run.stat().st_mtime

@@ -114,18 +114,19 @@ def test_task_and_limit_validation():
 
 def test_hiq_eval_tasks_cli(tmp_path, capsys):
     out = tmp_path / "zs.json"
-    assert main(["eval", "--config", "configs/tiny/rtn-w2.yaml", "--eval.datasets=[wikitext2]",
-                 "--eval.max_windows=2", "--tasks", "arc_easy,winogrande", "--limit", "5", f"--output={out}"]) == 0
+    assert main(["eval", "--config", "configs/tiny/rtn-w2.yaml", "--evaluation.datasets=[wikitext2]",
+                 "--evaluation.max_windows=2", "--evaluation.tasks=arc_easy,winogrande", "--evaluation.limit=5",
+                 f"--output={out}"]) == 0
     res = json.loads(out.read_text())
     assert set(res["zeroshot"]["tasks"]) == {"arc_easy", "winogrande"}
     assert res["zeroshot"]["tasks"]["winogrande"]["n"] == 5 and res["zeroshot"]["limit"] == 5
     assert res["zeroshot_avg"] == res["zeroshot"]["average"] and res["zeroshot"]["lm_eval_version"]
-    assert res["config"]["tasks"] == ["arc_easy", "winogrande"] and "wikitext2_ppl" in res
+    assert res["config"]["evaluation"]["tasks"] == ["arc_easy", "winogrande"] and "wikitext2_ppl" in res
     bad = tmp_path / "bad.json"
-    assert main(["eval", "--config", "configs/tiny/fp.yaml", "--tasks", "piqa,mmlu", f"--output={bad}"]) == 2
+    assert main(["eval", "--config", "configs/tiny/fp.yaml", "--evaluation.tasks=piqa,mmlu", f"--output={bad}"]) == 2
     assert "unknown zero-shot task(s) ['mmlu']" in capsys.readouterr().err
-    assert main(["eval", "--config", "configs/tiny/fp.yaml", "--limit", "5", f"--output={bad}"]) == 2
-    assert "--limit=5 applies to zero-shot tasks" in capsys.readouterr().err
+    assert main(["eval", "--config", "configs/tiny/fp.yaml", "--evaluation.limit=5", f"--output={bad}"]) == 2
+    assert "evaluation.limit=5 applies to zero-shot tasks" in capsys.readouterr().err
     assert not bad.exists()  # nothing half-written
 
 

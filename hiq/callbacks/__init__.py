@@ -1,10 +1,18 @@
-"""Lightning callbacks carrying the stages of the method (``hiq.callbacks.FisherCallback`` etc. in configs)."""
+"""Lightning callbacks: the stages of the method (``hiq.callbacks.FisherCallback`` ...) and the block fits'
+schedules."""
 
-from hiq.callbacks.annealing import GammaAnnealing, StepProgressBar
-from hiq.callbacks.evaluation import EvaluationCallback, ExportCallback
-from hiq.callbacks.plots import PlotCallback
-from hiq.callbacks.reconstruction import ReconstructionCallback
-from hiq.callbacks.stages import FisherCallback, RatioSolverCallback, SensitivityCallback
+from hiq.callbacks.stages import (
+    EvaluationCallback,
+    ExportCallback,
+    FisherCallback,
+    PlotCallback,
+    RatioSolverCallback,
+    ReconstructionCallback,
+    SensitivityCallback,
+    StageCallback,
+    method_callbacks,
+)
+from hiq.schedules import GammaAnnealing, StepProgressBar
 
 __all__ = [
     "EvaluationCallback",
@@ -15,5 +23,7 @@ __all__ = [
     "RatioSolverCallback",
     "ReconstructionCallback",
     "SensitivityCallback",
+    "StageCallback",
     "StepProgressBar",
+    "method_callbacks",
 ]

@@ -56,7 +56,10 @@ __all__ = [
     "average_bits",
     "average_bits_over_layers",
     "mixed_average_bits",
+    "ratio_average_bits",
+    "record_bits",
     "spec_average_bits",
+    "stored_width",
 ]
 
 CONVENTIONS: tuple[str, ...] = ("storage", "weights_only", "paper")
@@ -237,3 +240,43 @@ def average_bits_over_layers(layers: Iterable[tuple[int, float]]) -> float:
     if total_params == 0:
         raise ValueError("average_bits_over_layers needs at least one layer with n_params > 0")
     return total_bits / total_params
+
+
+def ratio_average_bits(ratios, n_params, bits_low: float, bits_high: float) -> float:
+    """Parameter-weighted average *code* bits when layer ``i`` (``n_params[i]`` weights) has ``ratios[i]`` of its
+    columns at ``bits_high`` and the rest at ``bits_low`` (the solver's budget: overhead excluded)."""
+    ratios, n_params = list(ratios), [int(n) for n in n_params]
+    if len(ratios) != len(n_params):
+        raise ValueError(f"got {len(ratios)} ratios for {len(n_params)} layers")
+    weighted = math.fsum(n * (bits_low + r * (bits_high - bits_low)) for r, n in zip(ratios, n_params, strict=True))
+    return weighted / sum(n_params)
+
+
+def record_bits(record: dict, scale_bits: int = 16) -> tuple[int, int]:
+    """``(code bits, storage bits)`` of a finished hybrid layer (:meth:`hiq.quant.hybrid.HybridLinear.finish`):
+    codes only; codes + an fp16 scale and a b-bit zero per row and group of each part (the ``storage`` rule)."""
+    weight_bits = storage = 0
+    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
+        codes = record[part]["codes"]
+        weight_bits += codes.numel() * bits
+        storage += codes.numel() * bits + record[part]["scale"].numel() * (scale_bits + bits)
+    return weight_bits, storage
+
+
+def stored_width(model) -> float:
+    """Bits per weight of an unquantized model: the dtype its checkpoint stores (``dtype`` in the ``config.json``
+    of ``model.name_or_path``), else the dtype it is loaded in (the bundled model: stored fp16, run in fp32: 16)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    dtype = None
+    config = Path(str(getattr(model, "name_or_path", "") or "")) / "config.json"
+    if config.is_file():
+        saved = json.loads(config.read_text())
+        name = saved.get("dtype") or saved.get("torch_dtype")
+        dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        dtype = next(model.parameters()).dtype
+    return float(torch.finfo(dtype).bits)

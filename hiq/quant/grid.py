@@ -33,11 +33,18 @@ __all__ = [
     "check_bits",
     "check_shape",
     "dequantize",
+    "dequantize_part",
+    "expand_groups",
+    "fake_quant_part",
     "fake_quant_rtn",
+    "group_range",
+    "group_widths",
     "minmax_params",
     "normalize_group_size",
     "quantize",
     "rtn",
+    "scale_zero",
+    "setting_label",
 ]
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -91,6 +98,14 @@ _SPEC_RE = re.compile(
 )
 
 
+def setting_label(bits: int, group_size: int | None = None, bits_high: int | None = None,
+                  method: str | None = None) -> str:
+    """The one way hiq names a setting: ``W2 per-channel``, ``W2/3 g128`` (b_N/b_H), ``RTN W4 g64``."""
+    widths = f"W{bits}" if bits_high in (None, bits) else f"W{bits}/{bits_high}"
+    label = f"{widths} {'per-channel' if group_size in (None, 0, -1) else f'g{group_size}'}"
+    return f"{method.upper()} {label}" if method else label
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Bit width and grouping of an asymmetric uniform weight quantizer.
@@ -122,8 +137,7 @@ class QuantSpec:
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``"W2 per-channel"`` or ``"W3 g128"``."""
-        suffix = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"W{self.bits} {suffix}"
+        return setting_label(self.bits, self.group_size)
 
     def n_groups(self, in_features: int) -> int:
         """Number of scale/zero pairs per row for a layer with ``in_features`` input columns."""
@@ -203,6 +217,64 @@ def _check_params(
             )
 
 
+def scale_zero(lo: torch.Tensor, hi: torch.Tensor, qmax: int,
+               rounding=torch.round) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of a range ``[lo, hi]`` (``lo <= 0 <= hi``): ``scale = max((hi - lo) / qmax, MIN_SCALE)``,
+    ``zero = clamp(rounding(-lo / scale), 0, qmax)``. Every quantizer of hiq builds its grid here (``rounding``:
+    ``torch.round``, or a straight-through round where the range is learnt)."""
+    scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE)
+    return scale, rounding(-lo / scale).clamp(0, qmax)
+
+
+def group_widths(n_columns: int, group_size: int | None) -> list[int]:
+    """Widths of the column groups of a (part of a) weight: one per row (``group_size=None``), or runs of
+    ``group_size`` columns and a shorter last group with its own scale and zero (``[]`` for no columns)."""
+    if n_columns == 0:
+        return []
+    if group_size is None or group_size >= n_columns:
+        return [n_columns]
+    full, rest = divmod(n_columns, group_size)
+    return [group_size] * full + ([rest] if rest else [])
+
+
+def expand_groups(values: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """``(out, n_groups)`` per-group values -> ``(out, n_columns)`` (each value repeated over its group)."""
+    if len(set(widths)) == 1:
+        return values.repeat_interleave(widths[0], dim=1)
+    return values.repeat_interleave(torch.tensor(widths, device=values.device), dim=1)
+
+
+def group_range(weight: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and group ``(min(min w, 0), max(max w, 0))`` in float32, each ``(out, n_groups)``."""
+    w = weight.detach().float()
+    lo = torch.stack([c.amin(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(max=0.0)
+    hi = torch.stack([c.amax(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(min=0.0)
+    return lo, hi
+
+
+def dequantize_part(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group_size: int | None) -> torch.Tensor:
+    """Float32 weights from codes ``(out, n)`` and per-group ``scale``/``zero`` ``(out, n_groups)``; the last group
+    may be shorter (:func:`group_widths`)."""
+    if codes.shape[1] == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    widths = group_widths(codes.shape[1], group_size)
+    return (codes.float() - expand_groups(zero.float(), widths)) * expand_groups(scale.float(), widths)
+
+
+def fake_quant_part(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """RTN fake quantization of a column block whose width need not be a multiple of ``group_size`` (a shorter
+    last group gets its own scale and zero); same values as :func:`fake_quant_rtn` where both apply."""
+    widths = group_widths(weight.shape[1], group_size)
+    if not widths:
+        return weight.clone()
+    qmax = (1 << check_bits(bits)) - 1
+    scale, zero = scale_zero(*group_range(weight, widths), qmax)
+    s, z = expand_groups(scale, widths), expand_groups(zero, widths)
+    codes = (torch.round(weight.detach().float() / s) + z).clamp(0, qmax)
+    return (s * (codes - z)).to(weight.dtype)
+
+
 def minmax_params(weight: torch.Tensor, spec: SpecLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point per row (per-channel) or per group of ``g`` consecutive columns.
 
@@ -220,11 +292,7 @@ def minmax_params(weight: torch.Tensor, spec: SpecLike) -> tuple[torch.Tensor, t
     """
     spec = as_spec(spec)
     w = _grouped(weight, spec)
-    lo = w.amin(dim=-1).clamp(max=0.0)
-    hi = w.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / spec.qmax).clamp(min=MIN_SCALE)
-    zero = torch.round(-lo / scale).clamp(0, spec.qmax)
-    return scale, zero
+    return scale_zero(w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0), spec.qmax)
 
 
 def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: SpecLike) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiq.quant.learned import QUANTIZERS, LWCQuantizer, dequantize_part
+from hiq.quant.grid import dequantize_part
+from hiq.quant.learned import QUANTIZERS, LWCQuantizer
 from hiq.quant.mixed import split_columns
 
 
@@ -94,13 +95,3 @@ def check_record_grid(record: dict) -> None:
             raise ValueError(f"{part} codes reach {int(codes.max())} > {qmax} for {bits} bits")
         if zero.numel() and (zero.min() < 0 or zero.max() > qmax or not torch.equal(zero, zero.round())):
             raise ValueError(f"{part} zero points are not integers in [0, {qmax}]")
-
-
-def record_bits(record: dict, scale_bits: int = 16) -> tuple[int, int]:
-    """``(weight bits, storage bits)`` of a finished layer: codes only; codes + fp16 scale + b-bit zero per group."""
-    weight_bits = storage = 0
-    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
-        codes = record[part]["codes"]
-        weight_bits += codes.numel() * bits
-        storage += codes.numel() * bits + record[part]["scale"].numel() * (scale_bits + bits)
-    return weight_bits, storage

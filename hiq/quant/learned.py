@@ -18,7 +18,7 @@ The regulariser ``Σ (1 − |2h(V) − 1|^β)`` pushes every ``h`` to 0 or 1; at
 (``h = 1[V ≥ 0]``).
 
 ``finish()`` of either returns integer codes, scales and zero points whose dequantisation
-(:func:`dequantize_part`) is bit-identical to the quantizer's hard forward.
+(:func:`hiq.quant.grid.dequantize_part`) is bit-identical to the quantizer's hard forward.
 """
 
 from __future__ import annotations
@@ -26,50 +26,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hiq.quant.grid import MIN_SCALE, check_bits
+from hiq.quant.grid import (
+    check_bits,
+    expand_groups,
+    group_range,
+    group_widths,
+    scale_zero,
+)
 
 ZETA = 1.1
 GAMMA = -0.1
 LWC_INIT = 4.0
 
 
-def group_widths(n_columns: int, group_size: int | None) -> list[int]:
-    """Widths of the column groups of a part: one per row, or runs of ``group_size`` and a shorter last one."""
-    if n_columns == 0:
-        return []
-    if group_size is None or group_size >= n_columns:
-        return [n_columns]
-    full, rest = divmod(n_columns, group_size)
-    return [group_size] * full + ([rest] if rest else [])
-
-
-def expand_groups(values: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """``(out, n_groups)`` per-group values -> ``(out, n_columns)`` (each value repeated over its group)."""
-    if len(set(widths)) == 1:
-        return values.repeat_interleave(widths[0], dim=1)
-    return values.repeat_interleave(torch.tensor(widths, device=values.device), dim=1)
-
-
-def group_range(weight: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row and group ``(min(min w, 0), max(max w, 0))`` in float32, each ``(out, n_groups)``."""
-    w = weight.detach().float()
-    lo = torch.stack([c.amin(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(max=0.0)
-    hi = torch.stack([c.amax(dim=1) for c in w.split(widths, dim=1)], dim=1).clamp(min=0.0)
-    return lo, hi
-
-
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
     return (x.round() - x).detach() + x
-
-
-def dequantize_part(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    group_size: int | None) -> torch.Tensor:
-    """Float32 weights of a part from its codes ``(out, n)`` and per-group ``scale``/``zero`` ``(out, n_groups)``."""
-    if codes.shape[1] == 0:
-        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-    widths = group_widths(codes.shape[1], group_size)
-    return (codes.float() - expand_groups(zero.float(), widths)) * expand_groups(scale.float(), widths)
 
 
 class _PartQuantizer(nn.Module):
@@ -106,9 +78,7 @@ class LWCQuantizer(_PartQuantizer):
     def _params(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
         hi = torch.sigmoid(self.upper) * self.hi
         lo = torch.sigmoid(self.lower) * self.lo
-        scale = ((hi - lo) / self.qmax).clamp(min=MIN_SCALE)
-        zero = (round_ste if ste else torch.round)(-lo / scale).clamp(0, self.qmax)
-        return scale, zero
+        return scale_zero(lo, hi, self.qmax, round_ste if ste else torch.round)
 
     def forward(self) -> torch.Tensor:
         if self.n_columns == 0:
@@ -138,9 +108,7 @@ class AdaRoundQuantizer(_PartQuantizer):
     def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
         super().__init__(weight, bits, group_size)
         if self.widths:
-            lo, hi = group_range(self.weight, self.widths)
-            scale = ((hi - lo) / self.qmax).clamp(min=MIN_SCALE)
-            zero = torch.round(-lo / scale).clamp(0, self.qmax)
+            scale, zero = scale_zero(*group_range(self.weight, self.widths), self.qmax)
         else:
             scale = zero = weight.new_zeros(weight.shape[0], 0).float()
         self.register_buffer("scale", scale)

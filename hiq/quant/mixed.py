@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from hiq.quant.grid import QuantSpec, check_bits, fake_quant_rtn, normalize_group_size
+from hiq.quant.grid import check_bits, fake_quant_part, normalize_group_size
 
 
 def high_impact_count(ratio: float, in_features: int) -> int:
@@ -30,21 +30,6 @@ def column_order(scores: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(scores.numel())
     # stable sort on -score keeps the lower index first among equal scores
     return idx[torch.sort(-scores.double(), stable=True).indices]
-
-
-def fake_quant_part(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """RTN fake quantization of a column block whose width need not be a multiple of ``group_size``."""
-    if weight.shape[1] == 0:
-        return weight.clone()
-    if group_size is None:
-        return fake_quant_rtn(weight, QuantSpec(bits, None))
-    full = (weight.shape[1] // group_size) * group_size
-    parts = []
-    if full:
-        parts.append(fake_quant_rtn(weight[:, :full], QuantSpec(bits, group_size)))
-    if full < weight.shape[1]:  # ragged last group: its own scale and zero point
-        parts.append(fake_quant_rtn(weight[:, full:], QuantSpec(bits, None)))
-    return torch.cat(parts, dim=1)
 
 
 def split_columns(scores: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

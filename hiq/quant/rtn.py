@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hiq.model import all_block_linears
-from hiq.quant.bits import average_bits, average_bits_over_layers
+from hiq.quant.bits import average_bits
 from hiq.quant.grid import QuantSpec, SpecLike, as_spec, check_shape, dequantize, rtn
 
 
@@ -36,8 +35,10 @@ def quantize_model_rtn(
     Embeddings, norms and the LM head stay in full precision (the field's convention for weight-only PTQ).
     Every layer's shape is checked against the spec before any weight is touched.
     """
+    from hiq.layouts import layout_for
+
     qs: QuantSpec = as_spec(spec)
-    layers = all_block_linears(model)
+    layers = layout_for(model).linears_of(model)
     for name, lin in layers:
         try:
             check_shape(lin.weight, qs)
@@ -55,8 +56,3 @@ def quantize_model_rtn(
         ))
         w.copy_(w_hat)
     return records
-
-
-def model_average_bits(records: list[LayerQuantRecord]) -> float:
-    """Parameter-weighted average bits over the quantised block linears."""
-    return average_bits_over_layers([(r.numel, r.avg_bits) for r in records])

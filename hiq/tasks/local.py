@@ -2,7 +2,7 @@
 
 The YAML files beside this module are lm-eval task definitions (``custom_dataset`` + the standard prompts);
 these functions load the local files into the fields the standard lm-eval tasks read, so prompts and
-``acc`` / ``acc_norm`` rules are lm-eval's own (protocol: ``../shared/data/PREPROCESSING.md`` section 4):
+``acc`` / ``acc_norm`` rules are lm-eval's own (protocol: :mod:`hiq.zeroshot`):
 
 - PIQA (validation, 1,838): ``"Question: {goal}\\nAnswer:"`` -> ``[sol1, sol2]``.
 - ARC-Easy / ARC-Challenge (test, 2,376 / 1,172): ``"Question: {stem}\\nAnswer:"`` -> the choices in file

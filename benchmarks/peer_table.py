@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """hiq against the PTQ tools users would pick instead: same model, same calibration data, one evaluator.
 
-Rows per setting (configs/tiny/<setting>.yaml gives bits = ``model.bits_low`` and ``model.group_size``):
+Rows per setting (configs/tiny/<setting>.yaml gives bits = ``quant.bits`` and ``quant.group_size``):
 
   rtn         hiq eval's round-to-nearest (asymmetric min-max), no calibration
-  gptq        llmcompressor GPTQModifier                      } run by benchmarks/peers/quantize.py inside the
-  awq         llmcompressor AWQModifier                       } peer venv (benchmarks/peers/setup.sh), which
+  gptq        llmcompressor GPTQModifier                      } run by benchmarks/peer_tools/quantize.py inside the
+  awq         llmcompressor AWQModifier                       } peer venv (benchmarks/peer_tools/setup.sh), which
   autoround   auto-round AutoRound                            } writes a dequantised HF checkpoint; scored by
   hqq         hqq (calibration-free half-quadratic)           } `hiq eval --quant.method=none` here
   hiq-lwc     hiq fit with ratios fixed at 0, LWC only (the tool at the peers' bits)
@@ -16,13 +16,16 @@ uses (``hiq.modules.CalibrationData(...).windows(tokenizer, max_context)`` with 
 Before a peer is scored, each block linear of its checkpoint must lie on a b-bit grid: at most 2^b distinct
 values per (row, group) (per row for per-channel); a violation fails the row naming layer, row, group, count.
 
+Every row runs as its own process (peers in their own virtual environments, ``hiq fit`` / ``hiq eval`` for hiq's
+rows and the scoring): the table reports each row's peak memory, which only a fresh process measures.
+
 Each row is cached in ``<out>/<setting>/<method>/`` and read back when finished, so reruns only compute what
 is missing. ``--reuse runs/ablation`` copies finished ``runs/ablation/<setting>/{lwc,ours}`` run directories and
 ``runs/ablation/<setting>/rtn.json`` (computed by benchmarks/ablation.py with the identical ``hiq fit`` / ``hiq
 eval`` commands) instead of recomputing them.
 
-    bash benchmarks/peers/setup.sh                                   # once: .venv-peers
-    python benchmarks/peers.py [--settings w2 w3 w2-g128 w3-g128] [--methods rtn gptq ...] \\
+    bash benchmarks/peer_tools/setup.sh                                   # once: .venv-peers
+    python benchmarks/peer_table.py [--settings w2 w3 w2-g128 w3-g128 w2-g64] [--methods rtn gptq ...] \\
         [--out runs/bench] [--reuse runs/ablation]
 """
 
@@ -41,10 +44,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from hiq.quant.grid import setting_label
+
 ROOT = Path(__file__).resolve().parents[1]
 HIQ = [sys.executable, "-m", "hiq"]  # this interpreter's hiq
-QUANTIZE = ROOT / "benchmarks" / "peers" / "quantize.py"
-# the peer venvs (benchmarks/peers/setup.sh): llmcompressor 0.14 pins auto-round<=0.15.1, so AutoRound has its own
+QUANTIZE = ROOT / "benchmarks" / "peer_tools" / "quantize.py"
+# the peer venvs (benchmarks/peer_tools/setup.sh): llmcompressor 0.14 pins auto-round<=0.15.1, so AutoRound has its own
 PEER_VENVS = {"gptq": ".venv-peers", "awq": ".venv-peers", "hqq": ".venv-peers", "autoround": ".venv-peers-autoround"}
 
 PEERS = ("gptq", "awq", "autoround", "hqq")
@@ -147,11 +152,7 @@ def check_grid(model_dir: Path, bits: int, group_size: int | None) -> dict:
 # ---------------------------------------------------------------------------------------------- settings
 def setting_spec(setting: str) -> tuple[int, int | None, dict]:
     cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{setting}.yaml").read_text())
-    return int(cfg["model"]["bits_low"]), cfg["model"]["group_size"], cfg
-
-
-def setting_label(bits: int, group: int | None) -> str:
-    return f"W{bits} " + ("per-channel" if group is None else f"g{group}")
+    return int(cfg["quant"]["bits"]), cfg["quant"]["group_size"], cfg
 
 
 def layer_shapes(model_path: str) -> list[tuple[int, int]]:
@@ -228,10 +229,10 @@ def _rel(path: str | Path) -> str:
 
 
 def eval_command(model: str, output: Path, quick: int | None) -> list[str]:
-    cmd = [*HIQ, "eval", f"--model.path={model}", "--quant.method=none", "--eval.datasets=[wikitext2,c4]",
-           "--eval.batch_size=4", f"--output={output}"]
+    cmd = [*HIQ, "eval", f"--model.path={model}", "--quant.method=none", "--evaluation.datasets=[wikitext2,c4]",
+           "--evaluation.batch_size=4", f"--output={output}"]
     if quick:
-        cmd.append(f"--eval.max_windows={quick}")
+        cmd.append(f"--evaluation.max_windows={quick}")
     return cmd
 
 
@@ -242,7 +243,7 @@ def run_rtn(setting: str, bits: int, group: int | None, d: Path, model_path: str
            f"--quant.group_size={group if group is not None else 'null'}",
            "--quant.avg_bits_convention=weights_only", f"--output={out}"]
     if quick:
-        cmd.append(f"--eval.max_windows={quick}")
+        cmd.append(f"--evaluation.max_windows={quick}")
     if not out.is_file():
         src = reuse / setting / "rtn.json" if reuse else None  # benchmarks/ablation.py ran the identical command
         if src is not None and not quick and src.is_file():
@@ -270,7 +271,7 @@ def run_peer(method: str, bits: int, group: int | None, d: Path, model_path: str
     peer_json = d / "peer.json"
     if not peer_json.is_file():
         if not Path(peers_python).is_file():
-            raise RuntimeError(f"peer venv python {peers_python} missing; run: bash benchmarks/peers/setup.sh")
+            raise RuntimeError(f"peer venv python {peers_python} missing; run: bash benchmarks/peer_tools/setup.sh")
         shutil.rmtree(d / "model", ignore_errors=True)
         _run(qcmd, d / "quantize.log")
     peer = json.loads(peer_json.read_text())
@@ -383,7 +384,7 @@ def _finished(method: str, d: Path, setting: str, reuse: Path | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", nargs="+", default=["w2", "w3", "w2-g128", "w3-g128"],
+    p.add_argument("--settings", nargs="+", default=["w2", "w3", "w2-g128", "w3-g128", "w2-g64"],
                    help="configs/tiny/<setting>.yaml (w2, w2-g128, w2-g64, w3, w3-g128, w3-g64)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default="runs/bench", help="cache: <out>/<setting>/<method>/")
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "benchmarks/ablation.py with the identical commands) instead of "
                                                  "recomputing those rows")
     p.add_argument("--peers-venv-dir", default=str(ROOT),
-                   help="directory holding .venv-peers and .venv-peers-autoround (benchmarks/peers/setup.sh)")
+                   help="directory holding .venv-peers and .venv-peers-autoround (benchmarks/peer_tools/setup.sh)")
     p.add_argument("--eval-max-windows", type=int, default=None,
                    help="quick plumbing runs: score only the first N windows per eval set (not comparable)")
     p.add_argument("--keep-going", action="store_true", help="a failed row is reported in the table")
@@ -410,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(datas) != 1:
         raise SystemExit("the settings' data sections differ; run them in separate --out directories")
     first_cfg = next(iter(specs.values()))[2]
-    if any(c["model"]["model_path"] != "tiny-llama" for _, _, c in specs.values()):
-        raise SystemExit("peers.py benchmarks the bundled tiny-llama only")
+    if any(c["model"]["path"] != "tiny-llama" for _, _, c in specs.values()):
+        raise SystemExit("peer_table.py benchmarks the bundled tiny-llama only")
     calibration, calib = None, None
     if any(m in CALIBRATED or m in PEERS for m in args.methods):  # quantize.py takes --calibration always
         calibration, calib = write_calibration(out, first_cfg, model_path)

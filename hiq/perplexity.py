@@ -1,9 +1,10 @@
 """Perplexity under the GPTQ/OmniQuant protocol, computed with torchmetrics.
 
-Protocol (``PREPROCESSING.md`` in the project's data notes): the split's rows are joined (WikiText-2 with
-``"\\n\\n"``, the C4 sample "c4-new" style with ``" "``), tokenised once, cut into non-overlapping windows
-of ``seqlen`` tokens (tail dropped, no extra BOS), each window scored alone; the first token of a window
-is never predicted; perplexity = exp(mean token NLL) over all windows. C4 keeps the first 256 windows.
+Protocol (GPTQ's and OmniQuant's evaluation code; the bundled sets: :mod:`hiq.data`): the split's rows are
+joined (WikiText-2 with ``"\\n\\n"``, the C4 sample "c4-new" style with ``" "``), tokenised once, cut into
+non-overlapping windows of ``seqlen`` tokens (tail dropped, no extra BOS), each window scored alone; the first
+token of a window is never predicted; perplexity = exp(mean token NLL) over all windows. C4 keeps the first
+256 windows.
 """
 
 from __future__ import annotations
@@ -30,6 +31,29 @@ class PerplexityResult:
     tokens_scored: int
     seconds: float
     note: str = ""
+
+    def to_dict(self) -> dict:
+        """The JSON form kept in ``eval/<name>.json`` and printed by ``hiq eval`` (seconds rounded)."""
+        return {"dataset": self.dataset, "split": self.split, "ppl": self.ppl, "windows": self.windows,
+                "tokens_scored": self.tokens_scored, "seconds": round(self.seconds, 2), "note": self.note}
+
+
+def dataset_key(name: str) -> str:
+    """``wikitext2``/``c4``, or a file's stem: the ``<key>_ppl`` of results and the ``eval/<key>.json`` file."""
+    from pathlib import Path
+
+    return name if name in EVAL_SETS else (Path(name).stem or name)
+
+
+def check_evaluation(options) -> None:
+    """Cheap checks of :class:`hiq.recipe.EvaluationOptions` before any model loads: every dataset readable,
+    lm-eval installed when zero-shot tasks are asked for."""
+    from hiq.zeroshot import lm_eval_version
+
+    for name in options.datasets:
+        load_text(name, EVAL_SETS.get(name, "test"))
+    if options.tasks:
+        lm_eval_version()
 
 
 def model_max_length(model) -> int | None:

@@ -1,4 +1,4 @@
-"""Figures of the paper, drawn from this run's artifacts: PNG files in ``<run>/plots`` and logged to the logger.
+"""Figures of the paper, drawn from a run's artifacts: PNG files in ``<run>/plots``, sent to the logger.
 
 * ``fisher_channels.png`` (Figure 1 analog): per-input-channel Fisher score of a few layers, channels sorted
   by score, log scale — how concentrated the impact is.
@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 
 def _layer_type(name: str) -> str:
@@ -76,32 +73,13 @@ def plot_ratios(layers: list[dict], path: Path) -> Path:
     return path
 
 
-class PlotCallback(L.Callback):
-    """Draws the Figure 1 and Figure 2 analogs once scores and ratios exist (list it after the solver).
+def log_images(logger, files: list[Path]) -> None:
+    """Send the PNG files to the run's logger where it takes images (W&B, Neptune, TensorBoard)."""
+    for f in files:
+        if logger is not None and hasattr(logger, "log_image"):  # W&B, Neptune...
+            logger.log_image(key=f"plots/{f.stem}", images=[str(f)])
+        elif logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            import numpy as np
+            from matplotlib.image import imread
 
-    Args:
-        enabled: draw the plots (off: skip).
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-
-    @rank_zero_only
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if not self.enabled:
-            return
-        out = Path(trainer.default_root_dir) / "plots"
-        files = []
-        if "fisher" in pl_module.artifacts:
-            files.append(plot_fisher(pl_module.artifacts["fisher"], out / "fisher_channels.png"))
-        if "ratios" in pl_module.artifacts:
-            files.append(plot_ratios(pl_module.artifacts["ratios"].layers, out / "ratios_by_layer.png"))
-        logger = trainer.logger
-        for f in files:
-            if logger is not None and hasattr(logger, "log_image"):  # W&B, Neptune...
-                logger.log_image(key=f"plots/{f.stem}", images=[str(f)])
-            elif logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                import numpy as np
-                from matplotlib.image import imread
-
-                logger.experiment.add_image(f"plots/{f.stem}", np.asarray(imread(f))[..., :3], dataformats="HWC")
+            logger.experiment.add_image(f"plots/{f.stem}", np.asarray(imread(f))[..., :3], dataformats="HWC")

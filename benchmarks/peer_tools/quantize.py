@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Quantize a Hugging Face causal LM with a peer PTQ tool, through the tool's own public API.
 
-Runs inside a peer venv made by benchmarks/peers/setup.sh (it does not import hiq):
+Runs inside a peer venv made by benchmarks/peer_tools/setup.sh (it does not import hiq):
 
-    .venv-peers/bin/python benchmarks/peers/quantize.py --method gptq|awq|hqq ...
-    .venv-peers-autoround/bin/python benchmarks/peers/quantize.py --method autoround ...
+    .venv-peers/bin/python benchmarks/peer_tools/quantize.py --method gptq|awq|hqq ...
+    .venv-peers-autoround/bin/python benchmarks/peer_tools/quantize.py --method autoround ...
         --bits B --group-size G|none --calibration <out>/calibration.pt --model <path> --out <dir>
 
 Writes ``<dir>/model``: a plain ``save_pretrained`` checkpoint (float32) whose block linears hold the tool's

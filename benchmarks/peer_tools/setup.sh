@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Creates the peer-tool environments for benchmarks/peers.py (idempotent; a stamp per venv):
+# Creates the peer-tool environments for benchmarks/peer_table.py (idempotent; a stamp per venv):
 #   .venv-peers            llmcompressor (GPTQ, AWQ) + hqq      requirements-llmcompressor.txt
 #   .venv-peers-autoround  auto-round                          requirements-autoround.txt
 # Two venvs because llmcompressor 0.14 pins auto-round<=0.15.1. PEERS_VENV_DIR=<dir> puts them elsewhere.
 # torch comes from /opt/wheels/torch-2.13.0+cpu-*.whl when that file exists (as for the main .venv), else PyPI.
-#   bash benchmarks/peers/setup.sh [llmcompressor|autoround ...]     # default: both
+#   bash benchmarks/peer_tools/setup.sh [llmcompressor|autoround ...]     # default: both
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"

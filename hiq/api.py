@@ -1,0 +1,344 @@
+"""The Python API: ``hiq.quantize`` (the method on a model) and ``hiq.evaluate`` (score a model). The CLI and the
+benchmarks call these.
+
+>>> import hiq
+>>> result = hiq.quantize("tiny-llama", recipe=hiq.Recipe(quant=hiq.QuantOptions(bits=2)),
+...                       calibration=hiq.CalibrationOptions(nsamples=16), run_dir="runs/notebook")  # doctest: +SKIP
+>>> result.avg_bits, result.ratios["model.layers.0.self_attn.q_proj"]                           # doctest: +SKIP
+>>> hiq.evaluate(result.model, result.tokenizer)["wikitext2_ppl"]                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiq.recipe import (
+    CalibrationOptions,
+    EvaluationOptions,
+    ExportOptions,
+    ModelOptions,
+    PlotOptions,
+    Recipe,
+)
+from hiq.version import __version__
+
+#: The outer fit of the method: no batches of its own (see :mod:`hiq.pipeline`), no checkpoints, no summary.
+TRAINER_DEFAULTS = {"limit_train_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                    "enable_model_summary": False}
+RTN_METHODS = ("none", "rtn")
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` produced: the model (quantized in place, dequantised weights), its ratios and bits.
+
+    Attributes:
+        model, tokenizer: the quantized model (on CPU) and its tokenizer.
+        recipe: the recipe it was quantized with.
+        run_dir: the run directory (artifacts; rerunning with it resumes).
+        ratios: ``{full module name: high-impact ratio}``.
+        avg_bits: parameter-weighted code bits of the block linears actually written (overhead excluded).
+        avg_bits_storage: the same with an fp16 scale and a b-bit zero per row and group counted.
+        blocks: per block: reconstruction loss before (RTN) and after, seconds, bits.
+        metrics: ``metrics.json`` when evaluation ran, else None.
+        model_dir: the exported checkpoint when export ran, else None.
+    """
+
+    model: Any
+    tokenizer: Any
+    recipe: Recipe
+    run_dir: Path
+    ratios: dict[str, float] = field(default_factory=dict)
+    avg_bits: float | None = None
+    avg_bits_storage: float | None = None
+    blocks: list[dict] = field(default_factory=list)
+    metrics: dict | None = None
+    model_dir: str | None = None
+
+
+def _pipeline(model, tokenizer, dtype: str):
+    from hiq.modules import HiQPipeline
+
+    if isinstance(model, HiQPipeline):
+        return model
+    if isinstance(model, ModelOptions):
+        return HiQPipeline(model.path, model.dtype, model.trust_remote_code)
+    if isinstance(model, str | Path):
+        return HiQPipeline(str(model), dtype)
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("quantize(model=<a loaded model>) needs its tokenizer: quantize(model, tokenizer, ...)")
+        return HiQPipeline.from_model(model, tokenizer)
+    raise TypeError(f"model must be a path/hub id, ModelOptions, a loaded causal LM or HiQPipeline; got "
+                    f"{type(model).__name__}")
+
+
+def _calibration(calibration, tokenizer_path: str):
+    from hiq.modules import CalibrationData
+
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationData.from_windows(calibration)
+    if calibration is None:
+        calibration = CalibrationOptions()
+    elif isinstance(calibration, str):
+        calibration = CalibrationOptions(dataset=calibration)
+    elif isinstance(calibration, dict):
+        calibration = CalibrationOptions(**calibration)
+    if not isinstance(calibration, CalibrationOptions):
+        raise TypeError(f"calibration must be a dataset name, CalibrationOptions, a dict or a (n, seqlen) token "
+                        f"tensor; got {type(calibration).__name__}")
+    return CalibrationData(**asdict(calibration), tokenizer_path=tokenizer_path)
+
+
+def default_run_dir(name: str, now: str | None = None) -> str:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``: one directory per run."""
+    return str(Path("runs") / f"{name}-{now or time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def quantize(
+    model,
+    tokenizer=None,
+    recipe: Recipe | dict | None = None,
+    calibration: CalibrationOptions | str | dict | torch.Tensor | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    export: ExportOptions | None = None,
+    evaluation: EvaluationOptions | None = None,
+    plots: PlotOptions | None = None,
+    trainer=None,
+    dtype: str = "float32",
+) -> QuantizeResult:
+    """Quantize ``model`` with ``recipe``: Fisher -> M -> ratios -> per-block fits (-> export -> evaluation).
+
+    Args:
+        model: a path, hub id or ``tiny-llama``; :class:`ModelOptions`; or a loaded Hugging Face causal LM
+            (quantized in place; give its ``tokenizer``).
+        tokenizer: the tokenizer of a loaded model (loaded from the path otherwise).
+        recipe: :class:`Recipe` (or a dict of its sections); default ``Recipe()``.
+        calibration: :class:`CalibrationOptions`, a dataset name, or ``(nsamples, seqlen)`` token windows.
+        run_dir: where the artifacts go; a rerun with the same folder resumes. Default ``runs/<setting>-<time>``.
+        export: write ``model/`` (a ``from_pretrained`` checkpoint); default off.
+        evaluation: perplexity / zero-shot after quantizing, written to ``metrics.json``; default off.
+        plots: Figure 1/2 analogs in ``plots/``; default off.
+        trainer: a ``lightning.Trainer`` to run the outer fit on (its callbacks get the stages), or a dict of
+            ``Trainer`` arguments (``{"accelerator": "cuda", "devices": 2, "strategy": "ddp"}``).
+        dtype: dtype to load a model given by path in.
+    """
+    import lightning as L
+
+    from hiq.callbacks import method_callbacks
+
+    recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else (recipe or Recipe())
+    pipeline = _pipeline(model, tokenizer, dtype)
+    data = _calibration(calibration, pipeline.model_name)
+    callbacks = method_callbacks(recipe, export, evaluation, plots)
+    if isinstance(trainer, L.Trainer):
+        if run_dir is not None and Path(trainer.default_root_dir) != Path(run_dir):
+            raise ValueError(f"run_dir={str(run_dir)!r} differs from the trainer's default_root_dir "
+                             f"{trainer.default_root_dir!r}; give one of them")
+        trainer.callbacks.extend(callbacks)
+    else:
+        kwargs = {**TRAINER_DEFAULTS, "logger": False, **(trainer or {})}
+        kwargs["default_root_dir"] = str(run_dir or default_run_dir(recipe.label().lower().replace(" ", "-")
+                                                                    .replace("/", "")))
+        trainer = L.Trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(pipeline, datamodule=data)
+    job = pipeline.job
+    state = job.state
+    result = QuantizeResult(pipeline.model, pipeline.tokenizer, recipe, Path(trainer.default_root_dir),
+                            ratios=state.ratios.ratios if state.ratios is not None else {}, blocks=state.blocks or [],
+                            metrics=state.metrics, model_dir=state.model_dir)
+    if state.blocks:
+        params = sum(b["params"] for b in state.blocks)
+        result.avg_bits = sum(b["weight_bits"] for b in state.blocks) / params
+        result.avg_bits_storage = sum(b["storage_bits"] for b in state.blocks) / params
+    return result
+
+
+@dataclass
+class RTNOptions:
+    """``hiq eval``'s quantization: none (full precision) or round-to-nearest of every block linear.
+
+    Args:
+        method: ``none`` (full precision) or ``rtn`` (round-to-nearest, min-max asymmetric grid).
+        bits: weight bits, one of 2, 3, 4, 8.
+        group_size: input columns per scale/zero group (32, 64, 128) or null for per output channel.
+        avg_bits_convention: ``storage`` (fp16 scale + b-bit zero per group/row counted), ``weights_only`` or
+            ``paper`` (the 19-bits-per-group figure the papers print); see :mod:`hiq.quant.bits`.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = None
+    avg_bits_convention: str = "storage"
+
+    def __post_init__(self) -> None:
+        from hiq.quant.bits import CONVENTIONS
+        from hiq.quant.grid import QuantSpec
+
+        if self.method not in RTN_METHODS:
+            raise ValueError(f"quant.method={self.method!r} is not supported; choose one of {RTN_METHODS}")
+        if self.avg_bits_convention not in CONVENTIONS + ("omniquant",):
+            raise ValueError(f"quant.avg_bits_convention={self.avg_bits_convention!r}; choose one of {CONVENTIONS}")
+        self.group_size = QuantSpec(self.bits, self.group_size).group_size
+
+    def label(self) -> str:
+        from hiq.quant.grid import setting_label
+
+        return "FP" if self.method == "none" else setting_label(self.bits, self.group_size, method=self.method)
+
+
+def evaluate(
+    model,
+    tokenizer=None,
+    evaluation: EvaluationOptions | None = None,
+    quant: RTNOptions | None = None,
+    output: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+) -> dict:
+    """Perplexity (and zero-shot accuracy) of a model, optionally after RTN; returns the result (and writes it).
+
+    Args:
+        model: a path, hub id or ``tiny-llama``; :class:`ModelOptions`; or a loaded causal LM (with ``tokenizer``).
+        evaluation: datasets, window length, zero-shot tasks (:class:`EvaluationOptions`); default WikiText-2 + C4.
+        quant: ``RTNOptions(method="rtn", bits=..., group_size=...)`` to quantize every block linear in place
+            first; None = score the model as it is.
+        output: JSON file to write the result to (None = do not write).
+
+    Everything cheap is validated (model path, datasets, tasks, lm-eval present) before the model loads.
+    """
+    from hiq.artifacts import peak_memory_mb, save_json
+    from hiq.model import load_model_and_tokenizer, resolve_model_path
+    from hiq.perplexity import check_evaluation, dataset_key, evaluate_dataset
+    from hiq.quant.bits import average_bits, average_bits_over_layers, stored_width
+    from hiq.zeroshot import evaluate_zeroshot, format_zeroshot
+
+    t0 = time.time()
+    evaluation = evaluation or EvaluationOptions()
+    quant = quant or RTNOptions(method="none")
+    if isinstance(model, str | Path):
+        model = ModelOptions(str(model), dtype)
+    if isinstance(model, ModelOptions):
+        resolve_model_path(model.path)
+    check_evaluation(evaluation)
+    label = quant.label()
+    name = model.path if isinstance(model, ModelOptions) else str(getattr(model, "name_or_path", "") or "model")
+    print(f"[hiq eval] {label} on {name}", file=sys.stderr)
+    if isinstance(model, ModelOptions):
+        model, tokenizer = load_model_and_tokenizer(model.path, model.dtype, model.trust_remote_code)
+    elif tokenizer is None:
+        raise ValueError("evaluate(model=<a loaded model>) needs its tokenizer: evaluate(model, tokenizer, ...)")
+    records = []
+    if quant.method == "rtn":
+        from hiq.quant.grid import QuantSpec
+        from hiq.quant.rtn import quantize_model_rtn
+
+        records = quantize_model_rtn(model, QuantSpec(quant.bits, quant.group_size),
+                                     convention=quant.avg_bits_convention)
+        avg_bits = average_bits_over_layers([(r.numel, r.avg_bits) for r in records])
+    else:
+        avg_bits = stored_width(model)
+    result: dict = {
+        "setting": label,
+        "method": quant.method,
+        "bits": quant.bits if records else None,
+        "group_size": quant.group_size if records else None,
+        "avg_bits": avg_bits,
+        "avg_bits_convention": quant.avg_bits_convention if records else "stored dtype width",
+        "avg_bits_paper": average_bits(quant.bits, quant.group_size, convention="paper") if records else None,
+        "quantized_layers": len(records),
+        "model": name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "eval": {},
+    }
+    for ds in evaluation.datasets:
+        res = evaluate_dataset(model, tokenizer, ds, seqlen=evaluation.seqlen, max_windows=evaluation.max_windows,
+                               batch_size=evaluation.batch_size)
+        key = dataset_key(ds)
+        result[f"{key}_ppl"] = res.ppl
+        result["eval"][key] = {k: v for k, v in res.to_dict().items() if k not in ("dataset", "ppl")}
+        result["seqlen"] = res.tokens_scored // res.windows + 1
+        print(f"[hiq eval] {ds} ({res.split}) ppl {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f}s]",
+              file=sys.stderr)
+    if evaluation.tasks:
+        limit = evaluation.limit
+        print(f"[hiq eval] zero-shot {','.join(evaluation.tasks)}" + (f" (limit {limit})" if limit else ""),
+              file=sys.stderr)
+        zs = evaluate_zeroshot(model, tokenizer, evaluation.tasks, limit=limit,
+                               batch_size=evaluation.zeroshot_batch_size)
+        result["zeroshot"], result["zeroshot_avg"] = zs, zs["average"]
+        print(f"[hiq eval] zero-shot: {format_zeroshot(zs)} [{zs['seconds']:.1f}s]", file=sys.stderr)
+    result["wall_time_s"] = round(time.time() - t0, 2)
+    result["memory"] = peak_memory_mb()
+    result["versions"] = {"hiq": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    result["config"] = {"quant": asdict(quant), "evaluation": asdict(evaluation)}
+    if output is not None:
+        save_json(output, result)
+        result["output"] = str(output)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    """The flat part of a result (no nested dicts) as indented JSON: what ``hiq eval`` prints on stdout."""
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+                       if not isinstance(v, dict)}, indent=2)
+
+
+@dataclass
+class FitConfig:
+    """A ``hiq fit`` YAML config as the API's dataclasses, so scripts run a config without the command line.
+
+    >>> cfg = FitConfig.load("configs/tiny/w2.yaml", **{"ratios.mode": "uniform", "sensitivity.enabled": False})
+    >>> cfg.run("runs/w2-uniform")  # doctest: +SKIP   (same as hiq fit --config ... --ratios.mode=uniform ...)
+    """
+
+    model: ModelOptions
+    data: CalibrationOptions
+    recipe: Recipe
+    export: ExportOptions
+    evaluation: EvaluationOptions
+    plots: PlotOptions
+    trainer: dict = field(default_factory=dict)
+
+    SECTIONS = ("model", "data", "quant", "ratios", "sensitivity", "reconstruction", "export", "evaluation", "plots",
+                "trainer", "seed_everything")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> FitConfig:
+        """Read ``path``; ``overrides`` are ``"section.key": value`` pairs (``hiq fit``'s ``--section.key=value``)."""
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ValueError(f"override {dotted!r} must be section.key (e.g. ratios.mode)")
+            raw.setdefault(section, {})[key] = value
+        unknown = set(raw) - set(cls.SECTIONS)
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {', '.join(cls.SECTIONS)}")
+        section = {name: dict(raw.get(name) or {}) for name in cls.SECTIONS if name != "seed_everything"}
+        recipe = Recipe(**{k: section[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
+        trainer = {k: v for k, v in section["trainer"].items() if k in ("accelerator", "devices", "strategy")}
+        return cls(ModelOptions(**section["model"]), CalibrationOptions(**section["data"]), recipe,
+                   ExportOptions(**section["export"]), EvaluationOptions(**section["evaluation"]),
+                   PlotOptions(**section["plots"]), trainer)
+
+    def run(self, run_dir: str | Path, **trainer) -> QuantizeResult:
+        """:func:`quantize` with every section of this config (no logger unless ``logger=...`` is given)."""
+        import lightning as L
+
+        L.seed_everything(0, verbose=False)  # as hiq fit does (seed_everything: 0)
+        return quantize(self.model, recipe=self.recipe, calibration=self.data, run_dir=run_dir, export=self.export,
+                        evaluation=self.evaluation, plots=self.plots, trainer={**self.trainer, **trainer})

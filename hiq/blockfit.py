@@ -1,0 +1,264 @@
+"""One block's reconstruction as a ``Trainer.fit``: swap in hybrid linears, fit, make rounding hard, hand back
+the integer records. Pure functions over a block and its cached inputs; the block loop is in
+:func:`hiq.pipeline.reconstruction_stage`.
+
+The fit is :class:`BlockReconstruction` (``training_step`` = block reconstruction loss) under its own
+``Trainer`` with :class:`hiq.schedules.GammaAnnealing`, gradient clipping, the run's logger and a step progress
+bar. Lightning's per-fit banners are silenced; the block is put back on the compute device afterwards
+(``Trainer.fit``'s teardown moves the module to the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import lightning as L
+import torch
+
+from hiq.model import BlockInputs, run_block, to_device
+from hiq.quant.bits import record_bits
+from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record
+from hiq.quant.mixed import mixed_fake_quant
+from hiq.schedules import GammaAnnealing, StepProgressBar
+from hiq.sensitivity import swapped_weights
+
+
+def _swap(block: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(quantized-path input, full-precision target) per calibration window."""
+
+    def __init__(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int):
+        return self.inputs[i][0], self.targets[i][0]
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """No "GPU available" banner and tips for every block fit."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@torch.no_grad()
+def reconstruction_loss(block, inputs: BlockInputs, targets: list[torch.Tensor], device) -> tuple[float, int]:
+    """(sum over tokens of the hidden-summed squared error, token count) on this rank's samples."""
+    total, tokens = 0.0, 0
+    for i, h in enumerate(inputs.hidden):
+        out = run_block(block, h, inputs.kwargs_for(i), device).float()
+        total += (out - targets[i].float()).pow(2).sum().item()
+        tokens += out.shape[0] * out.shape[1]
+    return total, tokens
+
+
+def rtn_loss(block, layout, scores: dict, ratios: dict, quant, inputs: BlockInputs, targets,
+             device) -> tuple[float, int]:
+    """The block's loss with plain RTN on the same column split (the starting point to beat)."""
+    swaps = {lin: mixed_fake_quant(lin.weight.data, scores[name], ratios[name], quant.bits_high, quant.bits,
+                                   quant.group_size).to(lin.weight.dtype)
+             for name, lin in layout.block_linears(block)}
+    with swapped_weights(swaps):
+        return reconstruction_loss(block, inputs, targets, device)
+
+
+def reduce_loss(rt, pair: tuple[float, int]) -> float:
+    """Mean per-token loss over all ranks from each rank's (sum, count)."""
+    total = rt.reduce_sum(torch.tensor([pair[0], float(pair[1])], dtype=torch.float64))
+    return float(total[0] / total[1])
+
+
+@torch.no_grad()
+def install_records(block: torch.nn.Module, layout, layers: dict[str, dict]) -> None:
+    """Give the block's linears the dequantised weights of their records (checked against the layer shapes)."""
+    linears = dict(layout.block_linears(block))
+    missing = sorted(set(linears) - set(layers))
+    if missing:
+        raise ValueError(f"the block record has no layers {missing}")
+    for name, record in layers.items():
+        lin = linears[name]
+        weight = dequantize_record(record)
+        if weight.shape != lin.weight.shape:
+            raise ValueError(f"record for {name} has shape {tuple(weight.shape)}, layer {tuple(lin.weight.shape)}")
+        lin.weight.data = weight.to(device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def block_summary(b: int, result: dict) -> dict:
+    """Losses, time, code bits, storage bits and parameter count of a finished block."""
+    bits = [record_bits(r) for r in result["layers"].values()]
+    return {"block": b, "loss_rtn": result["loss_rtn"], "loss_final": result["loss_final"],
+            "seconds": result["seconds"], "weight_bits": sum(x[0] for x in bits),
+            "storage_bits": sum(x[1] for x in bits),
+            "params": sum(r["perm"].numel() * r["high"]["codes"].shape[0] for r in result["layers"].values())}
+
+
+def inner_trainer(rt, opts, description: str) -> L.Trainer:
+    """The Trainer of one block fit: max_steps = iterations, annealing, clipping, the run's logger on rank 0."""
+    device = rt.device
+    callbacks: list[L.Callback] = [GammaAnnealing(opts.iterations, opts.warmup, opts.beta_start, opts.beta_end)]
+    if rt.is_global_zero:
+        callbacks.append(StepProgressBar(description, opts.iterations))
+    return L.Trainer(
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_steps=opts.iterations, max_epochs=-1, logger=rt.logger if rt.is_global_zero and rt.logger else False,
+        callbacks=callbacks, gradient_clip_val=opts.gradient_clip_val, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        log_every_n_steps=min(opts.log_every_n_steps, opts.iterations), default_root_dir=str(rt.run.root),
+    )
+
+
+def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],
+              description: str) -> tuple[dict[str, dict], int]:
+    """Fit block ``b``'s hybrid linears; returns ``({linear name: integer record}, optimizer steps)``."""
+    opts, q, rt = job.recipe.reconstruction, job.recipe.quant, job.rt
+    device = rt.device
+    kwargs = inputs.shared_kwargs()
+    if kwargs is None:
+        raise ValueError("calibration windows give different block arguments (lengths or masks differ); "
+                         "block reconstruction needs windows of one length")
+    hybrids, originals = [], {}
+    for name, lin in job.layout.block_linears(block):
+        hybrid = HybridLinear(lin, scores[name], ratios[name], q.bits_high, q.bits, q.group_size,
+                              opts.high_quantizer, opts.lwc_init).to(device)
+        originals[name] = _swap(block, name, hybrid)
+        hybrids.append((name, hybrid))
+    try:
+        module = BlockReconstruction(block, [h for _, h in hybrids], to_device(kwargs, device), b, opts.lr_round,
+                                     opts.weight_decay_round, opts.lr_lwc, opts.round_weight)
+        loader = torch.utils.data.DataLoader(
+            PairDataset(inputs.hidden, targets), batch_size=opts.batch_size // rt.world_size, shuffle=True,
+            drop_last=True, generator=torch.Generator().manual_seed(opts.seed + b))
+        with quiet_lightning():
+            inner = inner_trainer(rt, opts, description)
+            inner.fit(module, train_dataloaders=loader)
+        if inner.global_step < opts.iterations:
+            raise RuntimeError(f"block {b}: the fit stopped after {inner.global_step} of {opts.iterations} steps")
+        layers = {}
+        for name, hybrid in hybrids:
+            record = hybrid.finish()
+            check_record_grid(record)
+            layers[name] = record
+    finally:  # the block always gets its own nn.Linear modules back
+        for name, lin in originals.items():
+            _swap(block, name, lin)
+        block.to(device)  # Trainer.fit's teardown moved the module (and this block in it) to the CPU
+        block.eval()
+    for p in block.parameters():
+        p.requires_grad_(True)
+    return layers, inner.global_step
+
+
+class BlockReconstruction(L.LightningModule):
+    """One transformer block's reconstruction (paper Eq. 10), fitted by its own ``Trainer.fit``.
+
+    ``training_step``: the block with its hybrid linears (:class:`hiq.quant.hybrid.HybridLinear`) runs on
+    the quantized-path inputs; the loss is the squared error to the full-precision block's outputs, summed
+    over the hidden dimension and averaged over tokens, plus ``round_weight`` times AdaRound's regulariser
+    (summed over the rounding variables; β and on/off come from :class:`hiq.callbacks.GammaAnnealing`).
+    The regulariser weight 0.01 is AdaRound's, tuned for exactly this reduction (per-token summed squared
+    error); with a mean over all elements it would have to shrink by the hidden size.
+
+    ``configure_optimizers``: one Adam with the rounding variables at ``lr_round`` / ``weight_decay_round``
+    (paper: 1e-3 / 1e-5) and the LWC clipping logits at ``lr_lwc`` without weight decay.
+
+    Data parallel without a DDP wrapper: when ``torch.distributed`` is initialised (the outer ``hiq fit``
+    runs under DDP) every rank trains on its own shard of samples and gradients are averaged across ranks
+    before each step, so all ranks hold the same parameters.
+
+    A non-finite loss on any rank stops the fit with ``FloatingPointError`` naming the block.
+    """
+
+    def __init__(self, block: torch.nn.Module, hybrids: list, block_kwargs: dict, block_index: int,
+                 lr_round: float = 1e-3, weight_decay_round: float = 1e-5, lr_lwc: float = 1e-2,
+                 round_weight: float = 0.01):
+        super().__init__()
+        self._log_hyperparams = False  # the run's logger keeps the pipeline's hyperparameters
+        self.block = block
+        self.hybrids = hybrids  # submodules of ``block`` already
+        self.block_kwargs = block_kwargs
+        self.block_index = block_index
+        self.lr_round, self.weight_decay_round, self.lr_lwc = lr_round, weight_decay_round, lr_lwc
+        self.round_weight = round_weight
+        self.beta, self.regularize = 20.0, False
+        self.last_losses: dict[str, float] = {}
+        for p in self.block.parameters():
+            p.requires_grad_(False)
+        for h in hybrids:
+            for p in h.parameters():
+                p.requires_grad_(True)
+
+    def _param_groups(self) -> tuple[list, list]:
+        rounding = [h.high.v for h in self.hybrids if hasattr(h.high, "v")]
+        seen = {id(p) for p in rounding}
+        clipping = [p for h in self.hybrids for p in h.parameters() if id(p) not in seen]
+        return rounding, clipping
+
+    def configure_optimizers(self):
+        rounding, clipping = self._param_groups()
+        groups = []
+        if rounding:
+            groups.append({"params": rounding, "lr": self.lr_round, "weight_decay": self.weight_decay_round})
+        if clipping:
+            groups.append({"params": clipping, "lr": self.lr_lwc, "weight_decay": 0.0})
+        return torch.optim.Adam(groups)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return run_block(self.block, hidden, self.block_kwargs, hidden.device)
+
+    def training_step(self, batch, batch_idx):
+        hidden, target = batch
+        out = self(hidden).float()
+        rec = (out - target.float()).pow(2).sum(-1).mean()
+        loss = rec
+        reg = torch.zeros((), device=rec.device)
+        if self.regularize and self.round_weight > 0:
+            reg = sum(h.regularizer(self.beta) for h in self.hybrids)
+            loss = rec + self.round_weight * reg
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if _distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"block {self.block_index}: reconstruction loss is {loss.item()} at step {self.global_step} "
+                f"(a non-finite value on this or another rank); nothing of this block was saved. Check the "
+                f"model's weights for inf/nan or lower lr_lwc / lr_round")
+        name = f"block_{self.block_index:02d}"
+        self.log(f"{name}/rec_loss", rec.detach(), prog_bar=False)
+        self.log(f"{name}/round_reg", reg.detach(), prog_bar=False)
+        self.log(f"{name}/beta", float(self.beta), prog_bar=False)
+        self.last_losses = {"rec": rec.item(), "reg": reg.item(), "beta": self.beta}
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not _distributed():
+            return
+        world = torch.distributed.get_world_size()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1

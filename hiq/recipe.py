@@ -1,0 +1,352 @@
+"""The recipe: every setting of a hiq run as typed dataclasses, one home for each knob.
+
+``Recipe`` is the quantization setting proper — what the weights become: bit widths and grouping
+(:class:`QuantOptions`), the ratio allocation (:class:`RatioOptions`: candidates, budget, solver), how M is
+measured (:class:`SensitivityOptions`) and the per-block quantizer (:class:`ReconstructionOptions`). It is
+printed into ``metrics.json`` and hashed into the resume keys of every artifact (:func:`stage_key`).
+
+The options of the run around it — the model (:class:`ModelOptions`), the calibration set
+(:class:`CalibrationOptions`), export (:class:`ExportOptions`), evaluation (:class:`EvaluationOptions`) and
+plots (:class:`PlotOptions`) — are dataclasses too. Their field names are the command line's vocabulary:
+``hiq fit`` and ``hiq eval`` both read ``--model.path``, ``--quant.bits``, ``--quant.group_size``,
+``--evaluation.datasets`` ...; a YAML config has one section per dataclass.
+
+Every dataclass validates itself on construction, so a bad value fails before any model is loaded, with a
+message naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from hiq.quant.grid import SUPPORTED_BITS, QuantSpec, setting_label
+
+QUANTIZERS = ("adaround", "lwc")
+RATIO_MODES = ("optimal", "uniform", "fixed")
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0:
+        raise ValueError(f"{name}={value!r} must be positive")
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load.
+
+    Args:
+        path: a save_pretrained directory, a hub id, or the bundled name ``tiny-llama``.
+        dtype: weights dtype while quantizing/evaluating (float32 on CPU; bfloat16/float16 on GPUs).
+        trust_remote_code: let transformers run code shipped with a hub model (off by default).
+    """
+
+    path: str = "tiny-llama"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from hiq.model import parse_dtype
+
+        parse_dtype(self.dtype)
+
+
+@dataclass
+class QuantOptions:
+    """Bit widths and grouping of the block linears (embeddings, norms and the LM head stay in full precision).
+
+    Args:
+        bits: b_N, bits of the normal columns (2, 3, 4 or 8); ``hiq eval``'s RTN uses it for every column.
+        bits_high: b_H, bits of the high-impact columns; null = ``bits + 1`` (the paper's choice).
+        group_size: input columns per scale/zero group (32, 64, 128) or null for one per output channel.
+    """
+
+    bits: int = 2
+    bits_high: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        spec = QuantSpec(self.bits, self.group_size)  # validates bits and group size
+        self.group_size = spec.group_size
+        if self.bits_high is None:
+            self.bits_high = self.bits + 1 if self.bits + 1 in SUPPORTED_BITS else self.bits
+        if self.bits_high != self.bits:
+            QuantSpec(self.bits_high, self.group_size)
+        if self.bits_high < self.bits:
+            raise ValueError(f"quant.bits_high={self.bits_high} is below quant.bits={self.bits}; b_H >= b_N")
+
+    def label(self) -> str:
+        """``W2/3 per-channel``, ``W3/4 g128``; ``W4 g128`` when both parts share one width."""
+        return setting_label(self.bits, self.group_size, self.bits_high)
+
+
+@dataclass
+class RatioOptions:
+    """The ratio allocation: candidate ratios, the average-bits budget and how the ratios are chosen.
+
+    Args:
+        candidates: candidate high-impact ratios B (paper: 0.02, 0.05, 0.10, 0.15, 0.20).
+        target_avg_bits: budget in average weight bits over all block linears (scale/zero overhead not
+            included, as the papers print it); must lie in the range the candidates can reach.
+        mode: ``optimal`` (the MILP of Eq. 9), ``uniform`` (largest single ratio within the budget) or
+            ``fixed`` (``fixed_ratio`` for every layer).
+        fixed_ratio: the ratio for ``fixed`` mode.
+        time_limit: HiGHS time limit in seconds.
+        mip_rel_gap: relative optimality gap at which HiGHS may stop (0 = prove optimality).
+    """
+
+    candidates: tuple[float, ...] = (0.02, 0.05, 0.10, 0.15, 0.20)
+    target_avg_bits: float = 2.1
+    mode: str = "optimal"
+    fixed_ratio: float | None = None
+    time_limit: float = 300.0
+    mip_rel_gap: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.candidates = tuple(float(c) for c in self.candidates)
+        if self.mode not in RATIO_MODES:
+            raise ValueError(f"ratios.mode={self.mode!r} is not supported; choose one of {', '.join(RATIO_MODES)}")
+        if self.mode == "fixed" and self.fixed_ratio is None:
+            raise ValueError("ratios.mode='fixed' needs ratios.fixed_ratio (a number in [0, 1])")
+        _positive("ratios.time_limit", self.time_limit)
+
+
+@dataclass
+class SensitivityOptions:
+    """How the matrix M is measured (paper Eq. 7-8).
+
+    Args:
+        nsamples: calibration windows per M evaluation (the first ones of the calibration set).
+        fidelity_assignments: random per-layer assignments per block used to check how well δᵀMδ/2 predicts
+            the measured block loss (Spearman rank correlation); 0 disables the check.
+        fidelity_seed: seed of those assignments.
+        enabled: measure M (off: only the ``uniform`` and ``fixed`` ratio modes can run).
+    """
+
+    nsamples: int = 16
+    fidelity_assignments: int = 50
+    fidelity_seed: int = 0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise ValueError(f"sensitivity.nsamples={self.nsamples} must be at least 1")
+        if self.fidelity_assignments < 0:
+            raise ValueError(f"sensitivity.fidelity_assignments={self.fidelity_assignments} must be >= 0")
+
+
+@dataclass
+class ReconstructionOptions:
+    """The per-block quantizer: hybrid AdaRound (high-impact columns) + LWC (normal columns), paper Eq. 10-13.
+
+    Args:
+        iterations: optimizer steps per block (paper: 5,000).
+        batch_size: calibration windows per step, over all processes (divisible by their number).
+        nsamples: calibration windows used (the first ones of the calibration set); null = all.
+        lr_round: Adam learning rate of AdaRound's rounding variables V (paper: 1e-3).
+        weight_decay_round: their weight decay (paper: 1e-5).
+        lr_lwc: Adam learning rate of LWC's clipping logits (OmniQuant's default 1e-2), no weight decay.
+        round_weight: λ of AdaRound's regulariser, for a loss summed over the hidden dimension and averaged
+            over tokens (AdaRound's 0.01).
+        warmup: share of the iterations before the regulariser starts.
+        beta_start: exponent β (the paper's γ) of the regulariser at the end of the warm-up ...
+        beta_end: ... annealed linearly to this value at the last step.
+        high_quantizer: ``adaround`` (the method) or ``lwc`` (ablation: the high-impact part through LWC).
+        lwc_init: initial clipping logits (OmniQuant: 4.0, σ(4) = 0.982).
+        gradient_clip_val: gradient norm clipping of the block fit (null = off).
+        log_every_n_steps: logging interval of the block fits.
+        seed: seed of the sample order.
+        enabled: run the stage (off: the model stays in full precision).
+    """
+
+    iterations: int = 5000
+    batch_size: int = 1
+    nsamples: int | None = None
+    lr_round: float = 1e-3
+    weight_decay_round: float = 1e-5
+    lr_lwc: float = 1e-2
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    high_quantizer: str = "adaround"
+    lwc_init: float = 4.0
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 25
+    seed: int = 0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"reconstruction.iterations={self.iterations} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"reconstruction.batch_size={self.batch_size} must be at least 1")
+        if self.nsamples is not None and self.nsamples < self.batch_size:
+            raise ValueError(f"reconstruction.nsamples={self.nsamples} is smaller than "
+                             f"reconstruction.batch_size={self.batch_size}")
+        if self.high_quantizer not in QUANTIZERS:
+            raise ValueError(f"reconstruction.high_quantizer={self.high_quantizer!r}; choose one of "
+                             f"{', '.join(QUANTIZERS)}")
+        _positive("reconstruction.lr_round", self.lr_round)
+        _positive("reconstruction.lr_lwc", self.lr_lwc)
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"reconstruction.warmup={self.warmup} must be in [0, 1)")
+
+    def fingerprint(self) -> dict:
+        """The fields that change the quantized weights (logging cadence and the on/off switch do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("log_every_n_steps", "enabled")}
+
+
+@dataclass
+class Recipe:
+    """The quantization setting: what a model's weights become. Printable, hashable, passed around whole.
+
+    >>> Recipe(quant=QuantOptions(bits=2, group_size=128), ratios=RatioOptions(target_avg_bits=2.1)).label()
+    'W2/3 g128'
+    """
+
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    ratios: RatioOptions = field(default_factory=RatioOptions)
+    sensitivity: SensitivityOptions = field(default_factory=SensitivityOptions)
+    reconstruction: ReconstructionOptions = field(default_factory=ReconstructionOptions)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # accept plain dicts for any section (YAML, JSON, notebooks)
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, SECTIONS[f.name](**value))
+        if self.ratios.mode == "optimal" and not self.sensitivity.enabled:
+            raise ValueError("ratios.mode=optimal needs the matrix M: set sensitivity.enabled=true (or use "
+                             "ratios.mode=uniform / fixed)")
+
+    def label(self) -> str:
+        return self.quant.label()
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
+        return cls(**data)
+
+    def key(self) -> str:
+        """A short hash of the whole recipe (what ``metrics.json`` and the exported model record)."""
+        return digest(self.to_dict())
+
+
+@dataclass
+class CalibrationOptions:
+    """Calibration windows: seeded random windows of a training split (GPTQ/OmniQuant sampling).
+
+    Args:
+        dataset: ``wikitext2`` (bundled; its train split is the official <unk> tokens variant), ``c4``
+            (bundled sample), a hub id or text/jsonl paths.
+        split: split to draw from.
+        nsamples: number of windows (paper: 128).
+        seqlen: tokens per window; null = min(2048, the model's context).
+        seed: sampling seed.
+    """
+
+    dataset: str = "wikitext2"
+    split: str = "train"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise ValueError(f"data.nsamples={self.nsamples} must be at least 1")
+        _positive("data.seqlen", self.seqlen, allow_none=True)
+
+
+@dataclass
+class ExportOptions:
+    """Write ``model/``: a dequantised checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Args:
+        dtype: dtype of the saved weights; null = the dtype the model was quantized in.
+        enabled: write ``model/`` (off: skip).
+    """
+
+    dtype: str | None = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            from hiq.model import parse_dtype
+
+            parse_dtype(self.dtype)
+
+
+@dataclass
+class EvaluationOptions:
+    """Perplexity (protocol in :mod:`hiq.perplexity`) and zero-shot accuracy (lm-eval, :mod:`hiq.zeroshot`).
+
+    Args:
+        datasets: text sets to score: ``wikitext2``, ``c4`` (bundled sample), a hub id or file paths.
+        seqlen: window length in tokens; null = min(2048, the model's context).
+        max_windows: score only the first N windows of each set (quick runs); null = all.
+        batch_size: windows per forward pass.
+        tasks: zero-shot tasks through lm-eval (needs ``hiq[eval]``): a list or comma-separated string from
+            piqa, arc_easy, arc_challenge, hellaswag, winogrande, or ``all``; null = none.
+        limit: score only the first N documents of each zero-shot task (or a fraction in (0, 1]); null = all.
+        zeroshot_batch_size: lm-eval requests per forward pass.
+        enabled: evaluate and write ``metrics.json`` (``hiq fit``; off: skip).
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
+    seqlen: int | None = None
+    max_windows: int | None = None
+    batch_size: int = 1
+    tasks: list[str] | str | None = None
+    limit: int | float | None = None
+    zeroshot_batch_size: int = 16
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        from hiq.zeroshot import check_limit, parse_tasks
+
+        self.datasets = list(self.datasets)
+        self.tasks = parse_tasks(self.tasks)
+        self.limit = check_limit(self.limit)
+        if self.limit is not None and not self.tasks:
+            raise ValueError(f"evaluation.limit={self.limit} applies to zero-shot tasks; give evaluation.tasks too "
+                             f"(or drop evaluation.limit)")
+        if self.enabled and not self.datasets and not self.tasks:
+            raise ValueError("evaluation.datasets is empty and no evaluation.tasks; give at least one of "
+                             "wikitext2, c4, a hub id, a file path, or zero-shot tasks")
+        _positive("evaluation.batch_size", self.batch_size)
+
+
+@dataclass
+class PlotOptions:
+    """Figure 1/2 analogs in ``<run>/plots`` (Fisher score per channel, chosen ratio per layer).
+
+    Args:
+        enabled: draw the plots (off: skip).
+    """
+
+    enabled: bool = True
+
+
+SECTIONS = {"quant": QuantOptions, "ratios": RatioOptions, "sensitivity": SensitivityOptions,
+            "reconstruction": ReconstructionOptions}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def digest(payload) -> str:
+    """sha256 (16 hex digits) of a JSON-serialisable payload, keys sorted: the one hashing rule of hiq."""
+    return hashlib.sha256(json.dumps(_jsonable(payload), sort_keys=True, default=str).encode()).hexdigest()[:16]
