@@ -47,6 +47,10 @@ def test_metrics_blocks_and_model(finished, tiny):
     assert metrics["avg_bits_storage"] > metrics["avg_bits"]
     assert set(metrics["stage_seconds"]) >= {"fisher", "sensitivity", "ratios", "reconstruction", "evaluation"}
     assert metrics["device"] == "cpu" and metrics["memory"]["peak_rss_mb"] > 100  # MiB: the model alone is more
+    # the whole recipe and its key are recorded, and the key is the recipe's own hash
+    assert metrics["recipe"]["reconstruction"]["iterations"] == 12 and metrics["recipe"]["quant"]["bits_high"] == 3
+    assert metrics["recipe_key"] == hiq.Recipe.from_dict(metrics["recipe"]).key()
+    assert metrics["calibration"]["nsamples"] == 4 and metrics["calibration"]["seqlen"] == 64
     fp_model, tokenizer = tiny
     windows = eval_windows(tokenize_text(tokenizer, load_text("wikitext2", "test")), 64, 6)
     fp_ppl = perplexity(fp_model, windows)
