@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import lightning as L
 import torch
@@ -138,12 +139,14 @@ def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInput
     hybrids, originals = [], {}
     for name, lin in job.layout.block_linears(block):
         hybrid = HybridLinear(lin, scores[name], ratios[name], q.bits_high, q.bits, q.group_size,
-                              opts.high_quantizer, opts.lwc_init).to(device)
+                              opts.high_quantizer, opts.lwc_init, opts.normal_quantizer).to(device)
         originals[name] = _swap(block, name, hybrid)
         hybrids.append((name, hybrid))
     try:
-        module = BlockReconstruction(block, [h for _, h in hybrids], to_device(kwargs, device), b, opts.lr_round,
-                                     opts.weight_decay_round, opts.lr_lwc, opts.round_weight)
+        module = BlockReconstruction(
+            block, [h for _, h in hybrids], to_device(kwargs, device), b, opts.lr_round, opts.weight_decay_round,
+            opts.lr_lwc, opts.round_weight, lr_signround=opts.lr_signround or 1.0 / opts.iterations,
+            lr_schedule=opts.lr_schedule, keep_best=opts.keep_best, iterations=opts.iterations)
         loader = torch.utils.data.DataLoader(
             PairDataset(inputs.hidden, targets), batch_size=opts.batch_size // rt.world_size, shuffle=True,
             drop_last=True, generator=torch.Generator().manual_seed(opts.seed + b))
@@ -164,6 +167,9 @@ def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInput
         block.eval()
     for p in block.parameters():
         p.requires_grad_(True)
+    if opts.keep_best and rt.is_global_zero:
+        print(f"[hiq] block {b}: kept the parameters of step {module.best_step} (batch loss {module.best_loss:.4g})",
+              file=sys.stderr, flush=True)
     return layers, inner.global_step
 
 
@@ -178,7 +184,11 @@ class BlockReconstruction(L.LightningModule):
     error); with a mean over all elements it would have to shrink by the hidden size.
 
     ``configure_optimizers``: one Adam with the rounding variables at ``lr_round`` / ``weight_decay_round``
-    (paper: 1e-3 / 1e-5) and the LWC clipping logits at ``lr_lwc`` without weight decay.
+    (paper: 1e-3 / 1e-5) and the LWC clipping logits at ``lr_lwc`` without weight decay; or, for SignRound
+    parts, :class:`SignSGD` at ``lr_signround`` (AutoRound's ``1 / iterations``). ``lr_schedule="linear"``
+    decays every learning rate linearly to 0 over the fit. After each step the parts are projected back into
+    their bounds. ``keep_best``: the parameters of the step with the lowest reconstruction loss (of its batch,
+    averaged over ranks) are restored when the fit ends, as AutoRound does.
 
     Data parallel without a DDP wrapper: when ``torch.distributed`` is initialised (the outer ``hiq fit``
     runs under DDP) every rank trains on its own shard of samples and gradients are averaged across ranks
@@ -189,8 +199,14 @@ class BlockReconstruction(L.LightningModule):
 
     def __init__(self, block: torch.nn.Module, hybrids: list, block_kwargs: dict, block_index: int,
                  lr_round: float = 1e-3, weight_decay_round: float = 1e-5, lr_lwc: float = 1e-2,
-                 round_weight: float = 0.01):
+                 round_weight: float = 0.01, lr_signround: float = 5e-3, lr_schedule: str = "constant",
+                 keep_best: bool = False, iterations: int = 1):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        self.lr_signround, self.lr_schedule, self.keep_best, self.iterations = (lr_signround, lr_schedule,
+                                                                                keep_best, iterations)
+        self.best_loss, self.best_step, self._best_state = float("inf"), -1, None
         self._log_hyperparams = False  # the run's logger keeps the pipeline's hyperparameters
         self.block = block
         self.hybrids = hybrids  # submodules of ``block`` already
@@ -206,20 +222,63 @@ class BlockReconstruction(L.LightningModule):
             for p in h.parameters():
                 p.requires_grad_(True)
 
-    def _param_groups(self) -> tuple[list, list]:
-        rounding = [h.high.v for h in self.hybrids if hasattr(h.high, "v")]
-        seen = {id(p) for p in rounding}
-        clipping = [p for h in self.hybrids for p in h.parameters() if id(p) not in seen]
-        return rounding, clipping
+    def _param_groups(self) -> tuple[list, list, list]:
+        """(AdaRound rounding variables, LWC clipping logits, SignRound parameters), in layer order."""
+        from hiq.quant.learned import AdaRoundQuantizer
+
+        rounding, clipping, signed = [], [], []
+        for h in self.hybrids:
+            for part in (h.high, h.normal):
+                if part.sign_steps:
+                    signed += list(part.parameters())
+                elif isinstance(part, AdaRoundQuantizer):
+                    rounding.append(part.v)
+                else:
+                    clipping += list(part.parameters())
+        return rounding, clipping, signed
 
     def configure_optimizers(self):
-        rounding, clipping = self._param_groups()
-        groups = []
-        if rounding:
-            groups.append({"params": rounding, "lr": self.lr_round, "weight_decay": self.weight_decay_round})
-        if clipping:
-            groups.append({"params": clipping, "lr": self.lr_lwc, "weight_decay": 0.0})
-        return torch.optim.Adam(groups)
+        rounding, clipping, signed = self._param_groups()
+        if signed and (rounding or clipping):
+            raise ValueError("SignRound on one part and AdaRound/LWC on the other cannot share one optimizer; use "
+                             "signround for both reconstruction.high_quantizer and normal_quantizer, or neither")
+        if signed:
+            optimizer: torch.optim.Optimizer = SignSGD([{"params": signed, "lr": self.lr_signround}])
+        else:
+            groups = []
+            if rounding:
+                groups.append({"params": rounding, "lr": self.lr_round, "weight_decay": self.weight_decay_round})
+            if clipping:
+                groups.append({"params": clipping, "lr": self.lr_lwc, "weight_decay": 0.0})
+            optimizer = torch.optim.Adam(groups)
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = self.iterations
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        for h in self.hybrids:
+            h.project()
+
+    def on_train_end(self) -> None:
+        if self.keep_best and self._best_state is not None:
+            with torch.no_grad():
+                for p, saved in zip(self._trainable(), self._best_state, strict=True):
+                    p.copy_(saved)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for h in self.hybrids for p in h.parameters()]
+
+    def _remember_if_best(self, rec: torch.Tensor) -> None:
+        """Keep a copy of the parameters that produced the lowest batch loss so far (before this step)."""
+        loss = rec.detach().clone()
+        if _distributed():
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        if loss.item() < self.best_loss:
+            self.best_loss, self.best_step = loss.item(), self.global_step
+            self._best_state = [p.detach().clone() for p in self._trainable()]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return run_block(self.block, hidden, self.block_kwargs, hidden.device)
@@ -241,6 +300,8 @@ class BlockReconstruction(L.LightningModule):
                 f"block {self.block_index}: reconstruction loss is {loss.item()} at step {self.global_step} "
                 f"(a non-finite value on this or another rank); nothing of this block was saved. Check the "
                 f"model's weights for inf/nan or lower lr_lwc / lr_round")
+        if self.keep_best:
+            self._remember_if_best(rec)
         name = f"block_{self.block_index:02d}"
         self.log(f"{name}/rec_loss", rec.detach(), prog_bar=False)
         self.log(f"{name}/round_reg", reg.detach(), prog_bar=False)
@@ -257,6 +318,31 @@ class BlockReconstruction(L.LightningModule):
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
+
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Signed-gradient descent: ``p -= lr · sign(∂L/∂p)`` (SignRound's update; the step size is the same for every
+    weight whatever its gradient's scale, so ``lr = 1 / iterations`` moves an offset by at most one grid step)."""
+
+    def __init__(self, params, lr: float = 5e-3):
+        if not lr > 0:
+            raise ValueError(f"lr={lr} must be positive")
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+        return loss
 
 
 def _distributed() -> bool:

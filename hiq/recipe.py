@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from hiq.quant.grid import SUPPORTED_BITS, QuantSpec, setting_label
 
-QUANTIZERS = ("adaround", "lwc")
+QUANTIZERS = ("adaround", "lwc", "signround")
+LR_SCHEDULES = ("constant", "linear")
 RATIO_MODES = ("optimal", "uniform", "fixed")
 
 
@@ -154,8 +155,15 @@ class ReconstructionOptions:
         warmup: share of the iterations before the regulariser starts.
         beta_start: exponent β (the paper's γ) of the regulariser at the end of the warm-up ...
         beta_end: ... annealed linearly to this value at the last step.
-        high_quantizer: ``adaround`` (the method) or ``lwc`` (ablation: the high-impact part through LWC).
+        high_quantizer: the high-impact columns' quantizer: ``adaround`` (the paper), ``lwc`` or ``signround``
+            (learned rounding of every weight + min/max clipping, signed-gradient steps).
+        normal_quantizer: the normal columns' quantizer: ``lwc`` (the paper), ``signround`` or ``adaround``.
+            SignRound trains with its own optimizer, so it goes on both parts or on neither.
         lwc_init: initial clipping logits (OmniQuant: 4.0, σ(4) = 0.982).
+        lr_signround: SignRound's step size; null = 1 / iterations (AutoRound's default).
+        lr_schedule: ``constant`` (the paper) or ``linear`` (every learning rate decays linearly to 0).
+        keep_best: restore the parameters of the step with the lowest reconstruction loss at the end of each
+            block's fit (AutoRound does; it ignores AdaRound's regulariser).
         gradient_clip_val: gradient norm clipping of the block fit (null = off).
         log_every_n_steps: logging interval of the block fits.
         seed: seed of the sample order.
@@ -173,7 +181,11 @@ class ReconstructionOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     high_quantizer: str = "adaround"
+    normal_quantizer: str = "lwc"
     lwc_init: float = 4.0
+    lr_signround: float | None = None
+    lr_schedule: str = "constant"
+    keep_best: bool = False
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 25
     seed: int = 0
@@ -187,13 +199,31 @@ class ReconstructionOptions:
         if self.nsamples is not None and self.nsamples < self.batch_size:
             raise ValueError(f"reconstruction.nsamples={self.nsamples} is smaller than "
                              f"reconstruction.batch_size={self.batch_size}")
-        if self.high_quantizer not in QUANTIZERS:
-            raise ValueError(f"reconstruction.high_quantizer={self.high_quantizer!r}; choose one of "
-                             f"{', '.join(QUANTIZERS)}")
+        for part in ("high_quantizer", "normal_quantizer"):
+            if getattr(self, part) not in QUANTIZERS:
+                raise ValueError(f"reconstruction.{part}={getattr(self, part)!r}; choose one of "
+                                 f"{', '.join(QUANTIZERS)}")
+        if (self.high_quantizer == "signround") != (self.normal_quantizer == "signround"):
+            raise ValueError(f"reconstruction.high_quantizer={self.high_quantizer!r} with normal_quantizer="
+                             f"{self.normal_quantizer!r}: SignRound trains with signed-gradient steps, AdaRound/LWC "
+                             f"with Adam; use signround for both parts or for neither")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"reconstruction.lr_schedule={self.lr_schedule!r}; choose one of "
+                             f"{', '.join(LR_SCHEDULES)}")
+        _positive("reconstruction.lr_signround", self.lr_signround, allow_none=True)
         _positive("reconstruction.lr_round", self.lr_round)
         _positive("reconstruction.lr_lwc", self.lr_lwc)
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"reconstruction.warmup={self.warmup} must be in [0, 1)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ReconstructionOptions:
+        """``paper`` (AdaRound on the high-impact columns, LWC on the rest, Adam at constant lr, last iterate) or
+        ``signround`` (learned rounding + clipping of every weight on both parts, signed-gradient steps at
+        1/iterations decaying linearly to 0, best iterate kept); ``overrides`` set any other field."""
+        if name not in RECONSTRUCTION_PRESETS:
+            raise ValueError(f"reconstruction preset {name!r}; choose one of {', '.join(RECONSTRUCTION_PRESETS)}")
+        return cls(**{**RECONSTRUCTION_PRESETS[name], **overrides})
 
     def fingerprint(self) -> dict:
         """The fields that change the quantized weights (logging cadence and the on/off switch do not)."""
@@ -334,6 +364,12 @@ class PlotOptions:
 
     enabled: bool = True
 
+
+RECONSTRUCTION_PRESETS = {
+    "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant", "keep_best": False},
+    "signround": {"high_quantizer": "signround", "normal_quantizer": "signround", "lr_schedule": "linear",
+                  "keep_best": True},
+}
 
 SECTIONS = {"quant": QuantOptions, "ratios": RatioOptions, "sensitivity": SensitivityOptions,
             "reconstruction": ReconstructionOptions}

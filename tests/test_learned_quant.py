@@ -112,3 +112,77 @@ def test_gamma_annealing_schedule():
 def test_bad_high_quantizer_is_named(layer):
     with pytest.raises(ValueError, match="high_quantizer='gptq'"):
         HybridLinear(layer, torch.rand(384), 0.1, 3, 2, None, "gptq")
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_signround_starts_at_rtn_and_finishes_on_its_forward(layer, group_size):
+    from hiq.quant.grid import fake_quant_part
+    from hiq.quant.learned import SignRoundQuantizer
+
+    w = layer.weight.detach().float()[:, :300]  # 300 columns: a short last group at g64
+    sr = SignRoundQuantizer(w, 2, group_size)
+    assert torch.equal(sr(), fake_quant_part(w, 2, group_size))  # offset 0, clipping 1: round-to-nearest
+    with torch.no_grad():  # any admissible state: the integer record dequantises to the forward
+        sr.offset.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(0))
+        sr.min_scale.uniform_(0.6, 1.0, generator=torch.Generator().manual_seed(1))
+        sr.max_scale.uniform_(0.6, 1.0, generator=torch.Generator().manual_seed(2))
+    rec = sr.finish()
+    from hiq.quant.grid import dequantize_part
+
+    torch.testing.assert_close(dequantize_part(rec["codes"], rec["scale"], rec["zero"], group_size), sr(),
+                               rtol=0, atol=1e-6)
+    assert int(rec["codes"].max()) <= 3 and rec["zero"].min() >= 0 and rec["zero"].max() <= 3
+
+
+def test_signround_steps_lower_the_output_error_and_stay_in_bounds(layer):
+    from hiq.blockfit import SignSGD
+    from hiq.quant.learned import SignRoundQuantizer
+
+    w = layer.weight.detach().float()
+    x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(0))
+    sr = SignRoundQuantizer(w, 2, None)
+    opt = SignSGD(sr.parameters(), lr=0.01)
+
+    def loss() -> torch.Tensor:
+        return ((x @ sr().T - x @ w.T) ** 2).sum(-1).mean()
+
+    start = loss().item()
+    for _ in range(50):
+        opt.zero_grad()
+        loss().backward()
+        assert sr.offset.grad.abs().sum() > 0 and sr.max_scale.grad.abs().sum() > 0  # straight-through
+        opt.step()
+        sr.project()
+    assert loss().item() < 0.9 * start
+    assert sr.offset.abs().max() <= 0.5 and 0 <= sr.min_scale.min() and sr.max_scale.max() <= 1
+    assert sr.offset.abs().max() > 0.1  # the rounding of some weights really moved
+
+
+def test_keep_best_restores_the_lowest_loss_parameters(tiny_copy):
+    from hiq.blockfit import BlockReconstruction
+
+    model, _ = tiny_copy
+    block = find_blocks(model)[0]
+    name, lin = block_linears(block)[0]
+    hybrid = HybridLinear(lin, torch.rand(lin.in_features), 0.1, 3, 2, None, "signround", 4.0, "signround")
+    module = BlockReconstruction(block, [hybrid], {}, 0, keep_best=True, lr_schedule="linear", iterations=3)
+    for value, loss in ((0.1, 3.0), (0.2, 1.0), (0.3, 2.0)):
+        with torch.no_grad():
+            hybrid.normal.offset.fill_(value)
+        module._remember_if_best(torch.tensor(loss))
+    assert module.best_loss == 1.0
+    module.on_train_end()
+    assert torch.all(hybrid.normal.offset == 0.2)
+
+
+def test_signround_cannot_share_an_optimizer_with_adam_parts():
+    import hiq
+
+    with pytest.raises(ValueError, match="use signround for both parts or for neither"):
+        hiq.ReconstructionOptions(high_quantizer="adaround", normal_quantizer="signround")
+    opts = hiq.ReconstructionOptions.preset("signround", iterations=7)
+    assert (opts.high_quantizer, opts.normal_quantizer, opts.lr_schedule, opts.keep_best, opts.iterations) == \
+        ("signround", "signround", "linear", True, 7)
+    assert hiq.ReconstructionOptions.preset("paper") == hiq.ReconstructionOptions()
+    with pytest.raises(ValueError, match="reconstruction preset 'best'"):
+        hiq.ReconstructionOptions.preset("best")

@@ -1,4 +1,5 @@
-"""The hybrid linear of block reconstruction: high-impact columns through AdaRound, the rest through LWC.
+"""The hybrid linear of block reconstruction: the high-impact columns and the rest each through their own
+learnable quantizer (the paper: AdaRound and LWC; or SignRound on either part).
 
 Input columns are permuted so each part is contiguous: ``perm = [high-impact columns by descending impact
 score, normal columns in original order]`` (the split of :func:`hiq.quant.mixed.split_columns`, the one M
@@ -33,10 +34,12 @@ class HybridLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, scores: torch.Tensor, ratio: float, bits_high: int, bits_low: int,
-                 group_size: int | None, high_quantizer: str = "adaround", lwc_init: float = 4.0):
+                 group_size: int | None, high_quantizer: str = "adaround", lwc_init: float = 4.0,
+                 normal_quantizer: str = "lwc"):
         super().__init__()
-        if high_quantizer not in QUANTIZERS:
-            raise ValueError(f"high_quantizer={high_quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+        for name, value in (("high_quantizer", high_quantizer), ("normal_quantizer", normal_quantizer)):
+            if value not in QUANTIZERS:
+                raise ValueError(f"{name}={value!r}; choose one of {', '.join(QUANTIZERS)}")
         weight = linear.weight.detach()
         if scores.numel() != weight.shape[1]:
             raise ValueError(f"{scores.numel()} column scores for a weight with {weight.shape[1]} input columns")
@@ -48,12 +51,15 @@ class HybridLinear(nn.Module):
         self.ratio = float(ratio)
         self.group_size = group_size
         self.bits_high, self.bits_low = bits_high, bits_low
-        self.high_quantizer = high_quantizer
+        self.high_quantizer, self.normal_quantizer = high_quantizer, normal_quantizer
         wp = weight.float()[:, perm]
-        cls = QUANTIZERS[high_quantizer]
-        kwargs = {"init": lwc_init} if cls is LWCQuantizer else {}
-        self.high = cls(wp[:, : self.n_high], bits_high, group_size, **kwargs)
-        self.normal = LWCQuantizer(wp[:, self.n_high :], bits_low, group_size, init=lwc_init)
+
+        def part(kind: str, w: torch.Tensor, bits: int):
+            cls = QUANTIZERS[kind]
+            return cls(w, bits, group_size, **({"init": lwc_init} if cls is LWCQuantizer else {}))
+
+        self.high = part(high_quantizer, wp[:, : self.n_high], bits_high)
+        self.normal = part(normal_quantizer, wp[:, self.n_high :], bits_low)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = weight.dtype
@@ -67,13 +73,20 @@ class HybridLinear(nn.Module):
         return F.linear(x, self.quantized_weight().to(x.dtype), bias)
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        return self.high.regularizer(beta)
+        return self.high.regularizer(beta) + self.normal.regularizer(beta)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Both parts back inside their parameter bounds (after an optimizer step)."""
+        self.high.project()
+        self.normal.project()
 
     def finish(self) -> dict:
         """Hard rounding; the integer record of the layer (see :func:`dequantize_record`)."""
         return {
             "perm": self.perm.cpu(), "n_high": self.n_high, "ratio": self.ratio, "group_size": self.group_size,
             "bits_high": self.bits_high, "bits_low": self.bits_low, "high_quantizer": self.high_quantizer,
+            "normal_quantizer": self.normal_quantizer,
             "high": {k: v.cpu() for k, v in self.high.finish().items()},
             "normal": {k: v.cpu() for k, v in self.normal.finish().items()},
         }

@@ -1,4 +1,5 @@
-"""Learnable fake quantizers for block reconstruction: LWC (normal columns) and AdaRound (high-impact columns).
+"""Learnable fake quantizers for block reconstruction: LWC and AdaRound (the paper's pair: LWC on the normal
+columns, AdaRound on the high-impact ones) and SignRound (learned rounding of every weight, either part).
 
 Both work on a column block of a weight matrix, ``(out_features, n_columns)``, cut into groups of
 ``group_size`` consecutive columns (the last group may be shorter: it gets its own scale and zero) or one
@@ -54,6 +55,13 @@ class _PartQuantizer(nn.Module):
         self.group_size = group_size
         self.widths = group_widths(weight.shape[1], group_size)
         self.register_buffer("weight", weight.detach().float().clone())
+
+    #: trained with signed-gradient steps (SignRound) rather than Adam
+    sign_steps = False
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Put the learnt parameters back inside their bounds after an optimizer step (no bounds by default)."""
 
     @property
     def n_columns(self) -> int:
@@ -152,4 +160,62 @@ class AdaRoundQuantizer(_PartQuantizer):
         return {"codes": codes.to(torch.uint8), "scale": self.scale.clone(), "zero": self.zero.clone()}
 
 
-QUANTIZERS = {"adaround": AdaRoundQuantizer, "lwc": LWCQuantizer}
+class SignRoundQuantizer(_PartQuantizer):
+    """Learned rounding of every weight plus learned min/max clipping, hard from the first step (the quantizer of
+    SignRound / AutoRound, arXiv 2309.05516, written from the paper's description).
+
+    ``lo' = min_scale · min(min W, 0)``, ``hi' = max_scale · max(max W, 0)`` per row and group, ``s, z`` from
+    ``[lo', hi']`` (:func:`hiq.quant.grid.scale_zero`, straight-through zero point), and
+    ``Ŵ = s·(clamp(round_ste(W/s + V) + z, 0, 2^b − 1) − z)``: the forward is always the hard quantized weight,
+    gradients reach the per-weight offset ``V`` (kept in [−0.5, 0.5]: at most one grid step from nearest) and the
+    clipping multipliers (kept in [0, 1], initialised to 1 = min-max) through the straight-through estimator.
+    It is trained by signed-gradient steps (:class:`hiq.blockfit.SignSGD`); :meth:`project` keeps the bounds.
+    """
+
+    sign_steps = True  # trained with signed-gradient steps, not Adam
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
+        super().__init__(weight, bits, group_size)
+        n_groups = len(self.widths)
+        lo, hi = group_range(self.weight, self.widths) if n_groups else (weight.new_zeros(weight.shape[0], 0),) * 2
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+        self.offset = nn.Parameter(torch.zeros_like(self.weight))
+        self.min_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
+        self.max_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
+
+    def _params(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale_zero(self.lo * self.min_scale, self.hi * self.max_scale, self.qmax,
+                          round_ste if ste else torch.round)
+
+    def forward(self) -> torch.Tensor:
+        if self.n_columns == 0:
+            return self.weight
+        scale, zero = self._params(ste=True)
+        s, z = self._expand(scale), self._expand(zero)
+        codes = (round_ste(self.weight / s + self.offset) + z).clamp(0, self.qmax)
+        return (codes - z) * s
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Back inside the bounds after a step: offset in [−0.5, 0.5], clipping multipliers in [0, 1]."""
+        self.offset.clamp_(-0.5, 0.5)
+        self.min_scale.clamp_(0.0, 1.0)
+        self.max_scale.clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """Integer codes (uint8), scale and zero (float32 per row and group) of the learnt rounding and clipping."""
+        if self.n_columns == 0:
+            empty = self.weight.new_zeros(self.weight.shape[0], 0)
+            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+        scale, zero = self._params(ste=False)
+        s, z = self._expand(scale), self._expand(zero)
+        codes = (torch.round(self.weight / s + self.offset) + z).clamp(0, self.qmax)
+        return {"codes": codes.to(torch.uint8), "scale": scale.detach().clone(), "zero": zero.detach().clone()}
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return self.weight.new_zeros(())
+
+
+QUANTIZERS = {"adaround": AdaRoundQuantizer, "lwc": LWCQuantizer, "signround": SignRoundQuantizer}
