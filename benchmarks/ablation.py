@@ -33,17 +33,30 @@ import yaml
 import hiq
 from hiq.api import FitConfig
 
+# the paper's quantizers as the README's paper-preset table ran them (400 Adam steps of 4 windows per block)
+PAPER = {"reconstruction.normal_quantizer": "lwc", "reconstruction.lr_schedule": "constant",
+         "reconstruction.keep_best": False, "reconstruction.iterations": 400, "reconstruction.batch_size": 4}
+# the signround preset (learned rounding of every weight; AutoRound's 200 steps of 8 windows per block)
+SIGNROUND = {"reconstruction.high_quantizer": "signround", "reconstruction.normal_quantizer": "signround",
+             "reconstruction.lr_schedule": "linear", "reconstruction.keep_best": True,
+             "reconstruction.iterations": 200, "reconstruction.batch_size": 8}
 FIT_ROWS = [  # name, label, options (hiq fit's --section.key=value)
-    ("ours", "+ optimal + hybrid (ours)", {"ratios.mode": "optimal", "reconstruction.high_quantizer": "adaround"}),
+    ("ours", "+ optimal + hybrid (paper method)", {"ratios.mode": "optimal",
+                                                   "reconstruction.high_quantizer": "adaround", **PAPER}),
     ("lwc", "LWC only", {"ratios.mode": "fixed", "ratios.fixed_ratio": 0.0, "sensitivity.enabled": False,
-                         "reconstruction.high_quantizer": "lwc"}),
+                         "reconstruction.high_quantizer": "lwc", **PAPER}),
     ("uniform", "+ uniform ratio", {"ratios.mode": "uniform", "sensitivity.enabled": False,
-                                    "reconstruction.high_quantizer": "lwc"}),
-    ("optimal", "+ optimal ratio", {"ratios.mode": "optimal", "reconstruction.high_quantizer": "lwc"}),
+                                    "reconstruction.high_quantizer": "lwc", **PAPER}),
+    ("optimal", "+ optimal ratio", {"ratios.mode": "optimal", "reconstruction.high_quantizer": "lwc", **PAPER}),
     ("uniform-hybrid", "+ uniform + hybrid", {"ratios.mode": "uniform", "sensitivity.enabled": False,
-                                              "reconstruction.high_quantizer": "adaround"}),
+                                              "reconstruction.high_quantizer": "adaround", **PAPER}),
+    ("sr", "SignRound only (ratio 0)", {"ratios.mode": "fixed", "ratios.fixed_ratio": 0.0,
+                                        "sensitivity.enabled": False, **SIGNROUND}),
+    ("sr-uniform", "SignRound + uniform ratio", {"ratios.mode": "uniform", "sensitivity.enabled": False,
+                                                 **SIGNROUND}),
+    ("sr-optimal", "SignRound + optimal ratio (default)", {"ratios.mode": "optimal", **SIGNROUND}),
 ]
-ORDER = ["rtn", "lwc", "uniform", "optimal", "uniform-hybrid", "ours"]
+ORDER = ["rtn", "lwc", "uniform", "optimal", "uniform-hybrid", "ours", "sr", "sr-uniform", "sr-optimal"]
 
 
 def parse_options(items: list[str]) -> dict:
@@ -87,7 +100,7 @@ def run_setting(setting: str, out: Path, extra: dict) -> dict[str, dict]:
         if name != "ours" and not (run / "fisher.pt").exists():  # share Fisher and M of the "ours" row
             run.mkdir(parents=True, exist_ok=True)
             shutil.copy(base / "ours" / "fisher.pt", run / "fisher.pt")
-            if options.get("sensitivity.enabled", True):
+            if options.get("sensitivity.enabled", True) and (base / "ours" / "sensitivity").is_dir():
                 shutil.copytree(base / "ours" / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
         row = {**options, "export.enabled": False, **extra}
         cmd = as_command("fit", "--config", config, f"--trainer.default_root_dir={run}", options=row)

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ablation.py: the hiq rows' options
+
 import torch
 import yaml
 
@@ -53,24 +55,29 @@ QUANTIZE = ROOT / "benchmarks" / "peer_tools" / "quantize.py"
 PEER_VENVS = {"gptq": ".venv-peers", "awq": ".venv-peers", "hqq": ".venv-peers", "autoround": ".venv-peers-autoround"}
 
 PEERS = ("gptq", "awq", "autoround", "hqq")
-METHODS = ("rtn", *PEERS, "hiq-lwc", "hiq")
+METHODS = ("rtn", *PEERS, "hiq-lwc", "hiq", "hiq-sr", "hiq-sr-opt")
 LABELS = {
     "rtn": "RTN (hiq eval)",
     "gptq": "GPTQ (llmcompressor)",
     "awq": "AWQ (llmcompressor)",
     "autoround": "AutoRound (auto-round)",
     "hqq": "HQQ (hqq)",
-    "hiq-lwc": "hiq LWC-only",
-    "hiq": "hiq (ours)",
+    "hiq-lwc": "hiq LWC-only (paper preset)",
+    "hiq": "hiq, paper preset",
+    "hiq-sr": "hiq SignRound-only (ratio 0)",
+    "hiq-sr-opt": "hiq, signround preset (default)",
 }
 # hiq fit options of the two hiq rows; identical to benchmarks/ablation.py's "lwc" and "ours" rows
-HIQ_FIT_ROWS = {
-    "hiq-lwc": ("lwc", ["--ratios.mode=fixed", "--ratios.fixed_ratio=0.0", "--sensitivity.enabled=false",
-                        "--reconstruction.high_quantizer=lwc", "--export.enabled=false"]),
-    "hiq": ("ours", ["--ratios.mode=optimal", "--reconstruction.high_quantizer=adaround",
-                     "--export.enabled=false"]),
-}
-CALIBRATED = ("gptq", "awq", "autoround", "hiq-lwc", "hiq")  # rtn and hqq use no data
+def _cli(options: dict) -> list[str]:
+    from ablation import as_command
+
+    return as_command(options={**options, "export.enabled": False}).split()[1:]
+
+
+_ABLATION = {name: options for name, _, options in __import__("ablation").FIT_ROWS}
+HIQ_FIT_ROWS = {method: (row, _cli(_ABLATION[row])) for method, row in
+                (("hiq-lwc", "lwc"), ("hiq", "ours"), ("hiq-sr", "sr"), ("hiq-sr-opt", "sr-optimal"))}
+CALIBRATED = ("gptq", "awq", "autoround", "hiq-lwc", "hiq", "hiq-sr", "hiq-sr-opt")  # rtn and hqq use no data
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

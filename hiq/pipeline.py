@@ -39,6 +39,7 @@ from torch import nn
 from hiq.artifacts import RunDir, load_json, load_tensors, peak_memory_mb, save_json, save_tensors
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs
+from hiq.quant.grid import setting_label as setting_label_of
 from hiq.recipe import (
     CalibrationOptions,
     EvaluationOptions,
@@ -521,8 +522,13 @@ def _zeroshot(job: Job, options: EvaluationOptions, weights: str) -> dict:
 
 
 def setting_label(job: Job) -> str:
-    """The run's setting: the recipe's label once blocks were reconstructed, else ``FP``."""
-    return job.recipe.label() if job.state.blocks else "FP"
+    """The run's setting once blocks were reconstructed (``W2/3 per-channel``; ``W2 per-channel`` when no layer got
+    high-impact columns), else ``FP``."""
+    if not job.state.blocks:
+        return "FP"
+    q = job.recipe.quant
+    ratios = job.state.ratios.ratios if job.state.ratios is not None else {}
+    return setting_label_of(q.bits, q.group_size, q.bits_high if any(ratios.values()) else q.bits)
 
 
 def device_label(device: torch.device) -> str:

@@ -141,7 +141,8 @@ class SensitivityOptions:
 
 @dataclass
 class ReconstructionOptions:
-    """The per-block quantizer: hybrid AdaRound (high-impact columns) + LWC (normal columns), paper Eq. 10-13.
+    """The per-block quantizer and its fit. Defaults: the ``signround`` preset (learned rounding of every weight on
+    both parts); :meth:`preset` ``("paper")`` gives the paper's AdaRound (high-impact) + LWC (normal), Eq. 10-13.
 
     Args:
         iterations: optimizer steps per block (paper: 5,000).
@@ -155,13 +156,14 @@ class ReconstructionOptions:
         warmup: share of the iterations before the regulariser starts.
         beta_start: exponent β (the paper's γ) of the regulariser at the end of the warm-up ...
         beta_end: ... annealed linearly to this value at the last step.
-        high_quantizer: the high-impact columns' quantizer: ``adaround`` (the paper), ``lwc`` or ``signround``
-            (learned rounding of every weight + min/max clipping, signed-gradient steps).
-        normal_quantizer: the normal columns' quantizer: ``lwc`` (the paper), ``signround`` or ``adaround``.
+        high_quantizer: the high-impact columns' quantizer: ``signround`` (default: learned rounding of every weight
+            + min/max clipping, signed-gradient steps), ``adaround`` (the paper) or ``lwc``.
+        normal_quantizer: the normal columns' quantizer: ``signround`` (default), ``lwc`` (the paper) or
+            ``adaround``.
             SignRound trains with its own optimizer, so it goes on both parts or on neither.
         lwc_init: initial clipping logits (OmniQuant: 4.0, σ(4) = 0.982).
         lr_signround: SignRound's step size; null = 1 / iterations (AutoRound's default).
-        lr_schedule: ``constant`` (the paper) or ``linear`` (every learning rate decays linearly to 0).
+        lr_schedule: ``linear`` (default: every learning rate decays linearly to 0) or ``constant`` (the paper).
         keep_best: restore the parameters of the step with the lowest reconstruction loss at the end of each
             block's fit (AutoRound does; it ignores AdaRound's regulariser).
         gradient_clip_val: gradient norm clipping of the block fit (null = off).
@@ -180,12 +182,12 @@ class ReconstructionOptions:
     warmup: float = 0.2
     beta_start: float = 20.0
     beta_end: float = 2.0
-    high_quantizer: str = "adaround"
-    normal_quantizer: str = "lwc"
+    high_quantizer: str = "signround"
+    normal_quantizer: str = "signround"
     lwc_init: float = 4.0
     lr_signround: float | None = None
-    lr_schedule: str = "constant"
-    keep_best: bool = False
+    lr_schedule: str = "linear"
+    keep_best: bool = True
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 25
     seed: int = 0

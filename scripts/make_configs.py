@@ -33,9 +33,9 @@ MODELS = {
     "tiny": {
         "path": "tiny-llama", "what": "the bundled tiny LLaMA (2.2M parameters, 8 blocks)", "dtype": "float32",
         "dtype_note": "float32 on CPU", "accelerator": "auto", "seqlen_note": "-> 512 for the tiny model",
-        "m_nsamples": 4, "fidelity": 0, "iterations": 400, "batch_size": 4, "eval_batch": 4,
+        "m_nsamples": 4, "fidelity": 0, "iterations": 200, "batch_size": 8, "eval_batch": 4,
         "tasks": "null", "zs_batch": 32,
-        "iter_note": "paper 5,000; 400 x 4 windows keeps `make demo` under 10 min on 2 CPU cores",
+        "iter_note": "AutoRound's 200 steps of 8 windows; the paper 5,000; `make demo` stays under 15 min on 2 cores",
         "logger": "  logger: true                # CSV in <run dir>/lightning_logs; W&B: --trainer.logger=WandbLogger",
         "export_dtype": "null",
     },
@@ -99,7 +99,7 @@ sensitivity:
 plots:
   enabled: true                # Figure 1/2 analogs in <run dir>/plots
 reconstruction:
-  iterations: {iterations}           # Adam steps per block ({iter_note})
+  iterations: {iterations}           # optimizer steps per block ({iter_note})
   batch_size: {batch_size}                # calibration windows per step, over all processes
   nsamples: null               # windows used; null = all of data.nsamples
   lr_round: 0.001              # AdaRound's V (paper: Adam 1e-3)
@@ -109,8 +109,12 @@ reconstruction:
   warmup: 0.2                  # share of steps before the regulariser starts
   beta_start: 20.0             # regulariser exponent (the paper's γ) annealed 20 -> 2
   beta_end: 2.0
-  high_quantizer: adaround     # adaround (the method) | lwc (ablation)
+  high_quantizer: {high_quantizer:<15}# high-impact columns: adaround (the paper) | lwc | signround
+  normal_quantizer: {normal_quantizer:<13}# normal columns: lwc (the paper) | signround (both parts or neither)
   lwc_init: 4.0                # initial clipping logits (OmniQuant: 4.0)
+  lr_signround: null           # SignRound's step size; null = 1 / iterations (AutoRound's default)
+  lr_schedule: {lr_schedule:<16}# constant (the paper) | linear (decay to 0)
+  keep_best: {keep_best:<18}# restore the lowest-loss step's parameters at the end of each block
   gradient_clip_val: 1.0       # gradient norm clipping of each block fit
   log_every_n_steps: 25
   seed: 0                      # sample order
@@ -130,9 +134,16 @@ evaluation:
 """
 
 
+#: the reconstruction preset of every config (hiq.recipe.RECONSTRUCTION_PRESETS; the README says why)
+PRESET = "signround"
+
+
 def render(model: str, name: str) -> str:
+    from hiq.recipe import RECONSTRUCTION_PRESETS
+
     bl, bh, gs, paper, budget = SETTINGS[name]
     m = MODELS[model]
+    preset = {k: str(v).lower() for k, v in RECONSTRUCTION_PRESETS[PRESET].items()}
     if model == "tiny" and name == "w2":
         budget = 2.10
         budget_note = "reachable 2.02-2.20; paper 2.20 = every layer at 0.2, which leaves the MILP no choice"
@@ -144,7 +155,7 @@ def render(model: str, name: str) -> str:
     return TEMPLATE.format(
         label=label, bl=bl, bh=bh, gs="null" if gs is None else gs,
         gs_text="per-channel" if gs is None else f"groups of {gs}", model=model, name=name,
-        budget=f"{budget:.2f}", budget_note=budget_note, **m)
+        budget=f"{budget:.2f}", budget_note=budget_note, **preset, **m)
 
 
 def main() -> int:

@@ -183,6 +183,9 @@ def test_signround_cannot_share_an_optimizer_with_adam_parts():
     opts = hiq.ReconstructionOptions.preset("signround", iterations=7)
     assert (opts.high_quantizer, opts.normal_quantizer, opts.lr_schedule, opts.keep_best, opts.iterations) == \
         ("signround", "signround", "linear", True, 7)
-    assert hiq.ReconstructionOptions.preset("paper") == hiq.ReconstructionOptions()
+    assert hiq.ReconstructionOptions.preset("signround") == hiq.ReconstructionOptions()  # the default
+    paper = hiq.ReconstructionOptions.preset("paper")
+    assert (paper.high_quantizer, paper.normal_quantizer, paper.lr_schedule, paper.keep_best) == \
+        ("adaround", "lwc", "constant", False)
     with pytest.raises(ValueError, match="reconstruction preset 'best'"):
         hiq.ReconstructionOptions.preset("best")
