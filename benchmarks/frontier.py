@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, first = [], None
     for budget in args.budgets:
         rows.append(run_budget(args.config, budget, out, first, options))
-        first = first or Path(rows[0]["run"])
+        first = first or Path(rows[0]["run"])  # the first budget's run holds the Fisher scores and M
+    rows.sort(key=lambda r: r["budget"])
     (out / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
     png = plot(rows, out / "frontier.png", f"{args.config}: bits vs perplexity (one Fisher pass, one M)")
     print(f"\n{args.config}, one Fisher pass and one M for every budget ({png})\n")

@@ -1,26 +1,18 @@
 """benchmarks/frontier.py: one Fisher pass and one M serve every budget; a table and a PNG come out."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "benchmarks" / "frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_frontier"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_frontier_reuses_fisher_and_m_across_budgets(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    frontier = _load()
+    frontier = load_benchmark("frontier")
     out = tmp_path / "frontier"
     extra = ["--data.nsamples=4", "--data.seqlen=64", "--sensitivity.nsamples=1", "--ratios.candidates=[0.05,0.2]",
              "--reconstruction.iterations=2", "--reconstruction.batch_size=2", "--evaluation.datasets=[wikitext2]",

@@ -5,9 +5,7 @@ No peer venv needed: the peer tools themselves run only in benchmarks/peer_tools
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,12 @@ import torch
 
 from hiq.model import resolve_model_path
 from hiq.quant.grid import QuantSpec, fake_quant_rtn
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peer_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-peers = _load_peers()
+peers = load_benchmark("peer_table")
 MODEL = resolve_model_path("tiny-llama")
 
 
