@@ -159,9 +159,9 @@ def quantize(
                             ratios=state.ratios.ratios if state.ratios is not None else {}, blocks=state.blocks or [],
                             metrics=state.metrics, model_dir=state.model_dir)
     if state.blocks:
-        params = sum(b["params"] for b in state.blocks)
-        result.avg_bits = sum(b["weight_bits"] for b in state.blocks) / params
-        result.avg_bits_storage = sum(b["storage_bits"] for b in state.blocks) / params
+        from hiq.pipeline import blocks_average_bits
+
+        result.avg_bits, result.avg_bits_storage = blocks_average_bits(state.blocks)
     return result
 
 

@@ -538,6 +538,12 @@ def device_label(device: torch.device) -> str:
     return str(device)
 
 
+def blocks_average_bits(blocks: list[dict]) -> tuple[float, float]:
+    """(code bits, storage bits) per weight over the reconstructed blocks' summaries."""
+    params = sum(b["params"] for b in blocks)
+    return sum(b["weight_bits"] for b in blocks) / params, sum(b["storage_bits"] for b in blocks) / params
+
+
 def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict:
     """``metrics.json``: avg bits (codes and storage), perplexities, timings, the recipe, calibration, versions."""
     import lightning as L
@@ -546,9 +552,7 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
 
     summary, solution = job.state.blocks, job.state.ratios
     if summary:
-        params = sum(r["params"] for r in summary)
-        avg_bits = sum(r["weight_bits"] for r in summary) / params
-        avg_bits_storage = sum(r["storage_bits"] for r in summary) / params
+        avg_bits, avg_bits_storage = blocks_average_bits(summary)
         convention = "weights only (codes), as the papers print per-channel rows"
     else:
         avg_bits = avg_bits_storage = stored_width(job.model)

@@ -63,6 +63,18 @@ class _PartQuantizer(nn.Module):
     def project(self) -> None:
         """Put the learnt parameters back inside their bounds after an optimizer step (no bounds by default)."""
 
+    def _register_range(self) -> None:
+        """Buffers ``lo``/``hi``: per row and group min(min W, 0) / max(max W, 0), the range clipping scales."""
+        lo, hi = group_range(self.weight, self.widths) if self.widths else (self.weight.new_zeros(
+            self.weight.shape[0], 0),) * 2
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+
+    def _empty_record(self) -> dict:
+        """The integer record of a part with no columns."""
+        empty = self.weight.new_zeros(self.weight.shape[0], 0)
+        return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+
     @property
     def n_columns(self) -> int:
         return self.weight.shape[1]
@@ -77,9 +89,7 @@ class LWCQuantizer(_PartQuantizer):
     def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None, init: float = LWC_INIT):
         super().__init__(weight, bits, group_size)
         n_groups = len(self.widths)
-        lo, hi = group_range(self.weight, self.widths) if n_groups else (weight.new_zeros(weight.shape[0], 0),) * 2
-        self.register_buffer("lo", lo)
-        self.register_buffer("hi", hi)
+        self._register_range()
         self.upper = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
         self.lower = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
 
@@ -100,8 +110,7 @@ class LWCQuantizer(_PartQuantizer):
     def finish(self) -> dict:
         """Integer codes (uint8), scale and zero (float32 per row and group) of the learnt clipping."""
         if self.n_columns == 0:
-            empty = self.weight.new_zeros(self.weight.shape[0], 0)
-            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+            return self._empty_record()
         scale, zero = self._params(ste=False)
         codes = (torch.round(self.weight / self._expand(scale)) + self._expand(zero)).clamp(0, self.qmax)
         return {"codes": codes.to(torch.uint8), "scale": scale.detach().clone(), "zero": zero.detach().clone()}
@@ -153,8 +162,7 @@ class AdaRoundQuantizer(_PartQuantizer):
     def finish(self) -> dict:
         self.hard = True
         if self.n_columns == 0:
-            empty = self.weight.new_zeros(self.weight.shape[0], 0)
-            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+            return self._empty_record()
         s, z = self._expand(self.scale), self._expand(self.zero)
         codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
         return {"codes": codes.to(torch.uint8), "scale": self.scale.clone(), "zero": self.zero.clone()}
@@ -177,9 +185,7 @@ class SignRoundQuantizer(_PartQuantizer):
     def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
         super().__init__(weight, bits, group_size)
         n_groups = len(self.widths)
-        lo, hi = group_range(self.weight, self.widths) if n_groups else (weight.new_zeros(weight.shape[0], 0),) * 2
-        self.register_buffer("lo", lo)
-        self.register_buffer("hi", hi)
+        self._register_range()
         self.offset = nn.Parameter(torch.zeros_like(self.weight))
         self.min_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
         self.max_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
@@ -207,8 +213,7 @@ class SignRoundQuantizer(_PartQuantizer):
     def finish(self) -> dict:
         """Integer codes (uint8), scale and zero (float32 per row and group) of the learnt rounding and clipping."""
         if self.n_columns == 0:
-            empty = self.weight.new_zeros(self.weight.shape[0], 0)
-            return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
+            return self._empty_record()
         scale, zero = self._params(ste=False)
         s, z = self._expand(scale), self._expand(zero)
         codes = (torch.round(self.weight / s + self.offset) + z).clamp(0, self.qmax)
