@@ -9,6 +9,7 @@ The Python API (:mod:`hiq.api`)::
 
 from hiq.api import QuantizeResult, RTNOptions, evaluate, quantize
 from hiq.layouts import ModelLayout, register_layout
+from hiq.packed import register as _register_packed
 from hiq.recipe import (
     CalibrationOptions,
     EvaluationOptions,
@@ -22,6 +23,8 @@ from hiq.recipe import (
     SensitivityOptions,
 )
 from hiq.version import __version__
+
+_register_packed()  # AutoModelForCausalLM.from_pretrained loads packed hiq checkpoints (hiq.packed)
 
 __all__ = [
     "__version__",

@@ -49,7 +49,9 @@ class QuantizeResult:
         avg_bits_storage: the same with an fp16 scale and a b-bit zero per row and group counted.
         blocks: per block: reconstruction loss before (RTN) and after, seconds, bits.
         metrics: ``metrics.json`` when evaluation ran, else None.
-        model_dir: the exported checkpoint when export ran, else None.
+        model_dir: the dequantised checkpoint (``model/``) when that export ran, else None.
+        exports: ``{format: directory}`` of every checkpoint the export wrote (``packed``, ``dequantized``,
+            ``compressed-tensors``).
     """
 
     model: Any
@@ -62,6 +64,7 @@ class QuantizeResult:
     blocks: list[dict] = field(default_factory=list)
     metrics: dict | None = None
     model_dir: str | None = None
+    exports: dict[str, str] = field(default_factory=dict)
 
 
 def _pipeline(model, tokenizer, dtype: str):
@@ -157,7 +160,8 @@ def quantize(
     state = job.state
     result = QuantizeResult(pipeline.model, pipeline.tokenizer, recipe, Path(trainer.default_root_dir),
                             ratios=state.ratios.ratios if state.ratios is not None else {}, blocks=state.blocks or [],
-                            metrics=state.metrics, model_dir=state.model_dir)
+                            metrics=state.metrics, model_dir=state.model_dir,
+                            exports=dict(state.exports))
     if state.blocks:
         from hiq.pipeline import blocks_average_bits
 
@@ -198,6 +202,18 @@ class RTNOptions:
         return "FP" if self.method == "none" else setting_label(self.bits, self.group_size, method=self.method)
 
 
+def _prequantized_method(path: str) -> str | None:
+    """``quant_method`` of a checkpoint's ``config.json`` (None: not quantized, or not a local directory)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except ValueError as err:
+        raise ValueError(f"{config}: not valid JSON ({err})") from None
+    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+
+
 def evaluate(
     model,
     tokenizer=None,
@@ -220,6 +236,7 @@ def evaluate(
     """
     from hiq.artifacts import peak_memory_mb, save_json
     from hiq.model import load_model_and_tokenizer, resolve_model_path
+    from hiq.packed import packed_average_bits
     from hiq.perplexity import check_evaluation, dataset_key, evaluate_dataset
     from hiq.quant.bits import average_bits, average_bits_over_layers, stored_width
     from hiq.zeroshot import evaluate_zeroshot, format_zeroshot
@@ -230,7 +247,10 @@ def evaluate(
     if isinstance(model, str | Path):
         model = ModelOptions(str(model), dtype)
     if isinstance(model, ModelOptions):
-        resolve_model_path(model.path)
+        method = _prequantized_method(resolve_model_path(model.path))
+        if method and quant.method != "none":
+            raise ValueError(f"{model.path} is already quantized ({method}); score it as it is with "
+                             f"--quant.method=none")
     check_evaluation(evaluation)
     label = quant.label()
     name = model.path if isinstance(model, ModelOptions) else str(getattr(model, "name_or_path", "") or "model")
@@ -247,7 +267,10 @@ def evaluate(
         records = quantize_model_rtn(model, QuantSpec(quant.bits, quant.group_size),
                                      convention=quant.avg_bits_convention)
         avg_bits = average_bits_over_layers([(r.numel, r.avg_bits) for r in records])
-    else:
+    packed = packed_average_bits(model)
+    if packed is not None:
+        avg_bits = packed[0]
+    elif not records:
         avg_bits = stored_width(model)
     result: dict = {
         "setting": label,
@@ -255,9 +278,11 @@ def evaluate(
         "bits": quant.bits if records else None,
         "group_size": quant.group_size if records else None,
         "avg_bits": avg_bits,
-        "avg_bits_convention": quant.avg_bits_convention if records else "stored dtype width",
+        "avg_bits_convention": quant.avg_bits_convention if records else (
+            "hiq packed: code bits" if packed else "stored dtype width"),
+        **({"avg_bits_storage": packed[1]} if packed else {}),
         "avg_bits_paper": average_bits(quant.bits, quant.group_size, convention="paper") if records else None,
-        "quantized_layers": len(records),
+        "quantized_layers": len(records) if packed is None else packed[2],
         "model": name,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "eval": {},
@@ -287,6 +312,96 @@ def evaluate(
         save_json(output, result)
         result["output"] = str(output)
     return result
+
+
+def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("packed",),
+               output: str | Path | None = None, model: str | None = None) -> dict[str, str]:
+    """Write checkpoints of a finished ``hiq fit`` run from its ``blocks/`` (no recomputation): ``hiq export``.
+
+    Args:
+        run_dir: the run directory (its ``metrics.json`` names the source model; its ``blocks/`` hold the codes).
+        formats: ``packed`` and/or ``compressed-tensors`` (see :class:`ExportOptions`).
+        output: directory of the first format (default ``<run_dir>/<format dir>``); further formats go beside it.
+        model: the source model (path, hub id or bundled name) when ``metrics.json`` is missing or moved.
+
+    Returns ``{format: directory}``. The blocks must be the run's own: their keys are checked against
+    ``metrics.json``'s ``weights_key``.
+    """
+    from hiq.artifacts import RunDir, load_json, load_tensors
+    from hiq.layouts import layout_for
+    from hiq.model import load_model_and_tokenizer
+    from hiq.recipe import EXPORT_FORMATS, digest
+
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    bad = [f for f in formats if f not in EXPORT_FORMATS or f == "dequantized"]
+    if bad or not formats:
+        raise ValueError(f"formats={list(formats)!r}; hiq export writes packed and/or compressed-tensors (the "
+                         f"dequantised model/ is written by hiq fit)")
+    metrics = load_json(run.metrics) if run.metrics.is_file() else {}
+    source = model or metrics.get("model")
+    if not source:
+        raise ValueError(f"{run.metrics} is missing, so the source model is unknown; pass it (--model.path=...)")
+    paths = sorted((run.root / "blocks").glob("block_*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"{run.root / 'blocks'} holds no block_XX.pt; the run did not reconstruct any block")
+    fp_model, tokenizer = load_model_and_tokenizer(source, "float32")
+    layout = layout_for(fp_model)
+    n_blocks = len(layout.blocks_of(fp_model))
+    expected = [run.block(b) for b in range(n_blocks)]
+    if paths != expected:
+        missing = [p.name for p in expected if p not in paths]
+        raise ValueError(f"{run.root / 'blocks'}: {source} has {n_blocks} blocks; missing {missing or 'none'}, "
+                         f"extra {[p.name for p in paths if p not in expected] or 'none'}: finish the run first")
+    records, keys = {}, []
+    for b, path in enumerate(expected):
+        try:
+            saved = load_tensors(path)
+        except Exception as err:  # torch's zip reader raises RuntimeError/EOFError/... on damaged files
+            raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); rerun hiq fit on the run "
+                             f"directory to recompute it") from None
+        keys.append(saved["key"])
+        for local, record in saved["layers"].items():
+            records[layout.full_name(fp_model, b, local)] = record
+    weights_key = digest({"model": source, "blocks": keys})
+    if metrics.get("weights_key") not in (None, weights_key):
+        raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
+                         f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")
+    meta = {"setting": metrics.get("setting"), "recipe": metrics.get("recipe"), "source_model": source,
+            "weights_key": weights_key, "run_dir": str(run.root)}
+    written: dict[str, str] = {}
+    for i, fmt in enumerate(formats):
+        target = Path(output) if (output and i == 0) else (
+            Path(output).parent / EXPORT_FORMATS[fmt] if output else run.root / EXPORT_FORMATS[fmt])
+        if fmt == "packed":
+            from hiq.packed import save_packed
+
+            save_packed(fp_model, records, target, tokenizer=tokenizer, info=meta)
+        else:
+            from hiq.compressed import save_compressed_tensors
+
+            save_compressed_tensors(fp_model, records, target, tokenizer=tokenizer, info=meta)
+        written[fmt] = str(target)
+    return written
+
+
+def generate(model: str | ModelOptions, prompt: str, max_new_tokens: int = 40, do_sample: bool = False,
+             seed: int = 0) -> str:
+    """The continuation a (quantized) model writes for ``prompt`` (greedy unless ``do_sample``): ``hiq generate``."""
+    from hiq.model import load_model_and_tokenizer
+
+    options = model if isinstance(model, ModelOptions) else ModelOptions(str(model), "float32")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; give at least 1")
+    lm, tokenizer = load_model_and_tokenizer(options.path, options.dtype, options.trust_remote_code)
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                          else tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def summary_line(result: dict) -> str:

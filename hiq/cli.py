@@ -5,6 +5,9 @@
               ``--trainer.default_root_dir``.
 ``hiq eval``  load a causal LM, optionally quantize its block linears with RTN, report avg bits, perplexity on
               WikiText-2 and the C4 sample and zero-shot accuracy (:func:`hiq.evaluate`), write the result as JSON.
+              A packed hiq checkpoint scores as it is (``--quant.method=none``).
+``hiq export RUN_DIR``  the packed checkpoint (and compressed-tensors for single-width runs) of a finished run.
+``hiq generate``  ``--model.path=DIR --prompt TEXT``: the continuation a (quantized) model writes.
 
 One vocabulary for both (the dataclasses of :mod:`hiq.recipe`): ``--model.path``, ``--model.dtype``,
 ``--quant.bits``, ``--quant.group_size``, ``--evaluation.datasets``, ``--evaluation.tasks``; ``hiq fit`` adds
@@ -49,7 +52,7 @@ def eval_main(argv: list[str]) -> int:
     parser = build_eval_parser()
     cfg = parser.parse_args(argv)
     try:
-        init = parser.instantiate_classes(cfg)
+        init = parser.instantiate(cfg)
         output = init.output or Path("runs/eval") / (
             f"{init.quant.label().lower().replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         result = evaluate(init.model, evaluation=init.evaluation, quant=init.quant, output=output)
@@ -133,7 +136,57 @@ def fit_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"eval": eval_main, "fit": fit_main}
+def export_main(argv: list[str]) -> int:
+    """``hiq export RUN_DIR``: packed (and compressed-tensors) checkpoints of a finished run."""
+    from jsonargparse import ArgumentParser
+
+    from hiq.api import export_run
+
+    parser = ArgumentParser(prog="hiq export", description=export_run.__doc__, default_env=False)
+    parser.add_argument("run_dir", type=str, help="a hiq fit run directory")
+    parser.add_argument("--formats", type=list[str], default=["packed"],
+                        help="packed and/or compressed-tensors (single-width runs)")
+    parser.add_argument("--output", type=str | None, default=None, help="directory of the first format")
+    parser.add_argument("--model.path", type=str | None, default=None,
+                        help="source model when the run's metrics.json does not name it")
+    cfg = parser.parse_args(argv)
+    try:
+        written = export_run(cfg.run_dir, cfg.formats, cfg.output, cfg.model.path)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hiq export: error: {err}", file=sys.stderr)
+        return 2
+    from hiq.pipeline import dir_megabytes
+
+    for fmt, path in written.items():
+        print(f"{fmt}: {path} ({dir_megabytes(Path(path)):.2f} MB)")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    """``hiq generate --model.path=DIR --prompt TEXT``: what a (quantized) model writes."""
+    from jsonargparse import ArgumentParser
+
+    from hiq.api import generate
+    from hiq.recipe import ModelOptions
+
+    parser = ArgumentParser(prog="hiq generate", description=generate.__doc__, default_env=False)
+    parser.add_class_arguments(ModelOptions, "model")
+    parser.add_argument("--prompt", type=str, required=True, help="text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--do_sample", type=bool, default=False)
+    parser.add_argument("--seed", type=int, default=0)
+    cfg = parser.parse_args(argv)
+    try:
+        init = parser.instantiate(cfg)
+        text = generate(init.model, cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.seed)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hiq generate: error: {err}", file=sys.stderr)
+        return 2
+    print(cfg.prompt + text)
+    return 0
+
+
+COMMANDS = {"eval": eval_main, "export": export_main, "fit": fit_main, "generate": generate_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,7 @@ them twice). So the stages shard the windows themselves (``windows[rank::world_s
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,10 +34,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from hiq.artifacts import RunDir, load_json, load_tensors, peak_memory_mb, save_json, save_tensors
+from hiq.artifacts import (
+    RunDir,
+    load_json,
+    load_tensors,
+    peak_memory_mb,
+    save_json,
+    save_tensors,
+    staged_directory,
+)
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs
 from hiq.quant.grid import setting_label as setting_label_of
+from hiq.quant.hybrid import RECORD_FORMAT
 from hiq.recipe import (
     CalibrationOptions,
     EvaluationOptions,
@@ -108,6 +115,7 @@ class RunState:
     block_keys: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
+    exports: dict[str, str] = field(default_factory=dict)
     metrics: dict | None = None
 
 
@@ -355,7 +363,8 @@ def reconstruction_stage(job: Job) -> None:
         targets = step.targets(rt.device)
         block_ratios = job.layout.block_part(ratios, job.model, b)
         upstream = {k: v for k, v in ratios.items() if block_of[k] <= b}  # this block's and every earlier one's
-        key = job.key("block", quant=asdict(q), reconstruction=opts.fingerprint(), ratios=upstream)
+        key = job.key("block", quant=asdict(q), reconstruction=opts.fingerprint(), ratios=upstream,
+                      record=RECORD_FORMAT)
         path = rt.run.block(b)
         saved = load_if_current(path, key)
         if saved is not None:
@@ -389,50 +398,103 @@ def reconstruction_stage(job: Job) -> None:
          f"{rt.run.root / 'blocks'}", rt)
 
 
-def export_stage(job: Job, options: ExportOptions) -> None:
-    """Step 5: ``model/``, a dequantised checkpoint ``AutoModelForCausalLM.from_pretrained`` loads (rank 0).
+def block_records(job: Job) -> dict[str, dict]:
+    """Every reconstructed layer's finished record (codes, scales, zeros, permutation) keyed by full module name,
+    read back from ``blocks/`` and checked against the keys this run computed."""
+    records: dict[str, dict] = {}
+    for b, key in enumerate(job.state.block_keys):
+        path = job.rt.run.block(b)
+        saved = load_if_current(path, key)
+        if saved is None:
+            raise RuntimeError(f"{path} does not hold block {b} of this run (changed on disk since the "
+                               f"reconstruction); rerun to recompute it")
+        for local, record in saved["layers"].items():
+            records[job.layout.full_name(job.model, b, local)] = record
+    return records
 
-    The integer codes, scales, zeros and column permutations stay in ``blocks/block_XX.pt``; ``model/hiq.json``
-    records the setting, the recipe, the ratios and the key of the weights.
-    """
+
+def _export_dequantized(job: Job, target: Path, key: str, options: ExportOptions) -> None:
     from hiq.model import parse_dtype
 
+    model = job.model
+    original = next(model.parameters()).dtype
+    dtype = parse_dtype(options.dtype) if options.dtype else original
+    with staged_directory(target) as tmp:
+        model.to(dtype)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.to(original)
+        job.tokenizer.save_pretrained(tmp)
+        save_json(tmp / "hiq.json", {
+            "key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "ratios": job.state.ratios.ratios if job.state.ratios is not None else None,
+            "note": "weights are dequantised; the packed checkpoint (export.formats: packed) holds the integer "
+                    "codes"})
+
+
+def _packed_current(target: Path, key: str) -> bool:
+    from hiq.packed import PackedFormatError, check_checkpoint
+
+    if load_if_current(target / "hiq.json", key, json_file=True) is None:
+        return False
+    try:
+        check_checkpoint(target, load_json(target / "config.json")["quantization_config"])
+    except (PackedFormatError, OSError, KeyError, ValueError) as err:
+        print(f"[hiq] {target} fails its checks ({err}); exporting it again", flush=True)
+        return False
+    return True
+
+
+def export_stage(job: Job, options: ExportOptions) -> None:
+    """Step 5 (rank 0): the checkpoints of ``export.formats`` — ``packed/`` (deployable, :mod:`hiq.packed`),
+    ``model/`` (dequantised) and ``compressed-tensors/`` (single-width runs, :mod:`hiq.compressed`). Each directory
+    carries ``hiq.json`` with the key of the weights and is reused while that key holds."""
+    from hiq.recipe import EXPORT_FORMATS
+
     rt = job.rt
-    target = rt.run.model
-    key = job.weights_key()
-    if rt.is_global_zero:
-        if load_if_current(target / "hiq.json", key, json_file=True) is not None:
+    exports: dict[str, str] = {}
+    quantized = bool(job.state.block_keys)
+    for fmt in options.formats:
+        target = rt.run.root / EXPORT_FORMATS[fmt]
+        if fmt != "dequantized" and not quantized:
+            info(f"[hiq] export {fmt} skipped: no block was reconstructed (reconstruction.enabled=false)", rt)
+            continue
+        key = digest({"weights": job.weights_key(), "format": fmt, "dtype": options.dtype})
+        exports[fmt] = str(target)
+        if not rt.is_global_zero:
+            continue
+        current = (_packed_current(target, key) if fmt == "packed"
+                   else load_if_current(target / "hiq.json", key, json_file=True) is not None)
+        if current:
             info(f"[hiq] export reused: {target}", rt)
+            continue
+        t0 = time.time()
+        if fmt == "dequantized":
+            _export_dequantized(job, target, key, options)
         else:
-            t0 = time.time()
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model = job.model
-            original = next(model.parameters()).dtype
-            dtype = parse_dtype(options.dtype) if options.dtype else original
-            model.to(dtype)
-            try:
-                model.save_pretrained(tmp)
-            finally:
-                model.to(original)
-            job.tokenizer.save_pretrained(tmp)
-            save_json(tmp / "hiq.json", {
-                "key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
-                "dtype": str(dtype).removeprefix("torch."),
-                "ratios": job.state.ratios.ratios if job.state.ratios is not None else None,
-                "note": "weights are dequantised; integer codes, scales, zeros and permutations are in "
-                        "../blocks/block_XX.pt"})
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old)
+            records = block_records(job)
+            meta = {"key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
+                    "source_model": job.model_name,
+                    "ratios": job.state.ratios.ratios if job.state.ratios is not None else None}
+            if fmt == "packed":
+                from hiq.packed import save_packed
+
+                save_packed(job.model, records, target, tokenizer=job.tokenizer, info=meta)
             else:
-                os.replace(tmp, target)
-            job.state.timings["export"] = time.time() - t0
-            info(f"[hiq] exported {target} ({dtype})", rt)
-    job.state.model_dir = str(target)
+                from hiq.compressed import save_compressed_tensors
+
+                save_compressed_tensors(job.model, records, target, tokenizer=job.tokenizer, info=meta)
+        job.state.timings[f"export_{fmt}"] = time.time() - t0
+        info(f"[hiq] exported {fmt}: {target} ({dir_megabytes(target):.2f} MB)", rt)
+    job.state.exports = exports
+    job.state.model_dir = exports.get("dequantized")
     rt.barrier("export")
+
+
+def dir_megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
 def evaluation_stage(job: Job, options: EvaluationOptions) -> None:
@@ -583,6 +645,8 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
     metrics["run_dir"] = str(job.rt.run.root)
     if job.state.model_dir is not None:
         metrics["model_dir"] = job.state.model_dir
+    if job.state.exports:
+        metrics["exports"] = dict(job.state.exports)
     metrics["world_size"] = job.rt.world_size
     metrics["device"] = device_label(job.rt.device)
     metrics["memory"] = peak_memory_mb()  # of this run's process; a resumed run reports its own peak

@@ -299,21 +299,38 @@ class CalibrationOptions:
 
 @dataclass
 class ExportOptions:
-    """Write ``model/``: a dequantised checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """What the export stage writes (rank 0; each format its own directory in the run folder).
 
     Args:
-        dtype: dtype of the saved weights; null = the dtype the model was quantized in.
-        enabled: write ``model/`` (off: skip).
+        formats: any of ``packed`` (``packed/``: codes bit-packed at each part's width, fp16 scales, the deployable
+            checkpoint, :mod:`hiq.packed`), ``dequantized`` (``model/``: float weights, loads anywhere) and
+            ``compressed-tensors`` (``compressed-tensors/``: the ``pack-quantized`` layout vLLM and transformers
+            load; runs whose every layer has one bit width only, :mod:`hiq.compressed`).
+        dtype: dtype of the dequantised weights; null = the dtype the model was quantized in. (Unquantized tensors
+            of the packed formats keep the source checkpoint's dtype.)
+        enabled: run the export stage (off: write nothing).
     """
 
+    formats: list[str] = field(default_factory=lambda: ["packed", "dequantized"])
     dtype: str | None = None
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.formats, str):
+            self.formats = [f.strip() for f in self.formats.split(",") if f.strip()]
+        self.formats = list(self.formats)
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad or not self.formats or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"export.formats={self.formats!r}; give one or more distinct of "
+                             f"{', '.join(EXPORT_FORMATS)}")
         if self.dtype is not None:
             from hiq.model import parse_dtype
 
             parse_dtype(self.dtype)
+
+
+#: Export formats and the run-folder directory each is written to.
+EXPORT_FORMATS = {"packed": "packed", "dequantized": "model", "compressed-tensors": "compressed-tensors"}
 
 
 @dataclass

@@ -120,6 +120,7 @@ reconstruction:
   seed: 0                      # sample order
   enabled: true
 export:
+  formats: [packed, dequantized]  # packed/ (deployable, bit-packed codes) | model/ (dequantised) | compressed-tensors
   dtype: {export_dtype}                  # dtype of model/ (null = the quantizing dtype)
   enabled: true
 evaluation:

@@ -70,6 +70,12 @@ def test_metrics_blocks_and_model(finished, tiny):
     w = exported.model.layers[3].self_attn.v_proj.weight
     assert all(len(row.unique()) <= 8 + 4 for row in w)  # per row: at most 2^3 + 2^2 levels
     assert json.loads((run / "model" / "hiq.json").read_text())["setting"] == "W2/3 per-channel"
+    # packed/ is the deployable checkpoint: the same weights at the true bit width
+    packed = AutoModelForCausalLM.from_pretrained(run / "packed", dtype=torch.float32)
+    assert perplexity(packed, windows) == perplexity(exported, windows)
+    assert metrics["exports"] == {"packed": str(run / "packed"), "dequantized": str(run / "model")}
+    packed_mb = (run / "packed" / "model.safetensors").stat().st_size
+    assert packed_mb < 0.5 * (run / "model" / "model.safetensors").stat().st_size
     # zero-shot through lm-eval on the quantized model in memory (evaluation.tasks)
     zs = metrics["zeroshot"]
     assert list(zs["tasks"]) == ["piqa", "winogrande"] and zs["limit"] == 4 and zs["lm_eval_version"]
@@ -80,9 +86,27 @@ def test_metrics_blocks_and_model(finished, tiny):
     assert "block_00/rec_loss" in csv and "block_07/round_reg" in csv
 
 
+def test_hiq_export_rewrites_the_packed_checkpoint(finished, tmp_path, capsys):
+    tmp, run, metrics = finished
+    out = tmp_path / "again"
+    assert main(["export", str(run), f"--output={out}"]) == 0
+    assert "packed:" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == (run / "packed" / "model.safetensors").read_bytes()
+    # not a single-width run: compressed-tensors is refused, naming a layer and the way out
+    assert main(["export", str(run), "--formats=[compressed-tensors]", f"--output={tmp_path}/ct"]) == 2
+    assert "high-impact columns" in capsys.readouterr().err and not (tmp_path / "ct").exists()
+    # a block that is not this run's is refused
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    shutil.copy(broken / "blocks" / "block_01.pt", broken / "blocks" / "block_02.pt")
+    assert main(["export", str(broken)]) == 2
+    assert "does not hold the weights" in capsys.readouterr().err
+
+
 def test_rerun_reuses_everything(finished):
     tmp, run, metrics = finished
     files = [run / "fisher.pt", *sorted((run / "blocks").glob("*.pt")), run / "model" / "model.safetensors",
+             run / "packed" / "model.safetensors",
              run / "eval" / "wikitext2.json", run / "eval" / "zeroshot_piqa.json"]
     stamps = {p: p.stat().st_mtime_ns for p in files}
     again = _fit(_config(tmp), run)

@@ -59,6 +59,7 @@ __all__ = [
     "ratio_average_bits",
     "record_bits",
     "spec_average_bits",
+    "stored_dtype",
     "stored_width",
 ]
 
@@ -263,9 +264,9 @@ def record_bits(record: dict, scale_bits: int = 16) -> tuple[int, int]:
     return weight_bits, storage
 
 
-def stored_width(model) -> float:
-    """Bits per weight of an unquantized model: the dtype its checkpoint stores (``dtype`` in the ``config.json``
-    of ``model.name_or_path``), else the dtype it is loaded in (the bundled model: stored fp16, run in fp32: 16)."""
+def stored_dtype(model):
+    """The dtype an unquantized model's checkpoint stores (``dtype`` in the ``config.json`` of
+    ``model.name_or_path``), else the dtype it is loaded in."""
     import json
     from pathlib import Path
 
@@ -279,4 +280,12 @@ def stored_width(model) -> float:
         dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         dtype = next(model.parameters()).dtype
-    return float(torch.finfo(dtype).bits)
+    return dtype
+
+
+def stored_width(model) -> float:
+    """Bits per weight of an unquantized model as stored (:func:`stored_dtype`; the bundled model: stored fp16, run
+    in fp32: 16)."""
+    import torch
+
+    return float(torch.finfo(stored_dtype(model)).bits)

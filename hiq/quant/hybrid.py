@@ -82,14 +82,26 @@ class HybridLinear(nn.Module):
         self.normal.project()
 
     def finish(self) -> dict:
-        """Hard rounding; the integer record of the layer (see :func:`dequantize_record`)."""
+        """Hard rounding; the integer record of the layer (see :func:`dequantize_record`). Scales are rounded to
+        float16 values (kept as float32): the weights evaluated here are exactly those a packed checkpoint holds
+        (:mod:`hiq.packed`)."""
         return {
             "perm": self.perm.cpu(), "n_high": self.n_high, "ratio": self.ratio, "group_size": self.group_size,
             "bits_high": self.bits_high, "bits_low": self.bits_low, "high_quantizer": self.high_quantizer,
             "normal_quantizer": self.normal_quantizer,
-            "high": {k: v.cpu() for k, v in self.high.finish().items()},
-            "normal": {k: v.cpu() for k, v in self.normal.finish().items()},
+            "high": _half_scales(self.high.finish()),
+            "normal": _half_scales(self.normal.finish()),
         }
+
+
+#: Version of the finished-layer record (part of every block's cache key): 2 = float16-valued scales.
+RECORD_FORMAT = 2
+
+
+def _half_scales(part: dict) -> dict:
+    out = {k: v.cpu() for k, v in part.items()}
+    out["scale"] = out["scale"].to(torch.float16).float()
+    return out
 
 
 def dequantize_record(record: dict) -> torch.Tensor:

@@ -103,6 +103,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if numel == 0:
         return torch.empty(0, dtype=torch.uint8, device=packed.device)
 
+    if 8 % bits == 0:  # whole codes per byte (2, 4, 8 bits): shift the bytes themselves, no int32 words
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+
     per_chunk, bytes_per_chunk = _layout(bits)
     n_chunks = -(-nbytes // bytes_per_chunk)
     padded = torch.zeros(n_chunks * bytes_per_chunk, dtype=torch.int32, device=packed.device)
