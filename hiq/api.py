@@ -14,6 +14,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,21 @@ def _calibration(calibration, tokenizer_path: str):
     return CalibrationData(**asdict(calibration), tokenizer_path=tokenizer_path)
 
 
+def _check_windows(recipe: Recipe, nsamples: int) -> None:
+    """Before any heavy work: the stages ask for no more calibration windows than there are."""
+    rec, sens = recipe.reconstruction, recipe.sensitivity
+    if rec.enabled:
+        windows = min(rec.nsamples or nsamples, nsamples)
+        if rec.batch_size > windows:
+            raise ValueError(f"reconstruction.batch_size={rec.batch_size} is larger than the {windows} calibration "
+                             f"windows the block fits get (data.nsamples={nsamples}"
+                             + (f", reconstruction.nsamples={rec.nsamples}" if rec.nsamples else "")
+                             + f"); lower reconstruction.batch_size to at most {windows} or raise data.nsamples")
+    if sens.enabled and recipe.ratios.mode == "optimal" and sens.nsamples > nsamples:
+        raise ValueError(f"sensitivity.nsamples={sens.nsamples} is larger than data.nsamples={nsamples}; lower it "
+                         f"or raise data.nsamples")
+
+
 def default_run_dir(name: str, now: str | None = None) -> str:
     """``runs/<name>-<YYYYmmdd-HHMMSS>``: one directory per run."""
     return str(Path("runs") / f"{name}-{now or time.strftime('%Y%m%d-%H%M%S')}")
@@ -144,6 +160,7 @@ def quantize(
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else (recipe or Recipe())
     pipeline = _pipeline(model, tokenizer, dtype)
     data = _calibration(calibration, pipeline.model_name)
+    _check_windows(recipe, data.options.nsamples)
     callbacks = method_callbacks(recipe, export, evaluation, plots)
     if isinstance(trainer, L.Trainer):
         if run_dir is not None and Path(trainer.default_root_dir) != Path(run_dir):
@@ -155,7 +172,13 @@ def quantize(
         kwargs["default_root_dir"] = str(run_dir or default_run_dir(recipe.label().lower().replace(" ", "-")
                                                                     .replace("/", "")))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
-    trainer.fit(pipeline, datamodule=data)
+    with warnings.catch_warnings():
+        # the outer fit has no optimizer and runs no batches by design (hiq.pipeline); the block fits run max_steps
+        for message in (r".*configure_optimizers.* returned .None.", r".*max_epochs.* was not set",
+                        r".*number of training batches .* is smaller than the logging interval",
+                        r".*module\(s\) in eval mode at the start of training", r".*does not have many workers"):
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(pipeline, datamodule=data)
     job = pipeline.job
     state = job.state
     result = QuantizeResult(pipeline.model, pipeline.tokenizer, recipe, Path(trainer.default_root_dir),

@@ -253,6 +253,24 @@ class Recipe:
         if self.ratios.mode == "optimal" and not self.sensitivity.enabled:
             raise ValueError("ratios.mode=optimal needs the matrix M: set sensitivity.enabled=true (or use "
                              "ratios.mode=uniform / fixed)")
+        if self.ratios.mode in ("optimal", "uniform"):
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """The budget inside what the candidate ratios reach, ``b_N + ratio·(b_H − b_N)`` for the smallest and the
+        largest candidate (before any model loads; per layer the floor of ratio × columns can land a hair lower)."""
+        r, lo_bits, hi_bits = self.ratios, self.quant.bits, self.quant.bits_high
+        if not r.candidates or not all(0.0 <= c <= 1.0 for c in r.candidates):
+            raise ValueError(f"ratios.candidates={list(r.candidates)}; give ratios in [0, 1]")
+        lo = lo_bits + min(r.candidates) * (hi_bits - lo_bits)
+        hi = lo_bits + max(r.candidates) * (hi_bits - lo_bits)
+        target = r.target_avg_bits
+        if not lo - 1e-9 <= target <= hi + 1e-9:
+            fix = ("lower it or add larger ratios to ratios.candidates" if target > hi else
+                   "raise it or add smaller ratios (0 = no high-impact columns) to ratios.candidates")
+            raise ValueError(f"ratios.target_avg_bits={target} is infeasible: with candidates "
+                             f"{', '.join(f'{c:g}' for c in r.candidates)} and bits {lo_bits}/{hi_bits} the reachable "
+                             f"average is {lo:.3f} .. {hi:.3f} bits; {fix}")
 
     def label(self) -> str:
         return self.quant.label()

@@ -50,3 +50,20 @@ def test_evaluate_a_loaded_model(tiny):
     res = hiq.evaluate(model, tokenizer, hiq.EvaluationOptions(datasets=["wikitext2"], seqlen=64, max_windows=3))
     assert res["setting"] == "FP" and res["avg_bits"] == 16.0 and res["eval"]["wikitext2"]["windows"] == 3
     assert 1 < res["wikitext2_ppl"] < 1000 and "output" not in res
+
+
+def test_budget_outside_the_candidates_reach_fails_with_the_range():
+    with pytest.raises(ValueError, match=r"target_avg_bits=2\.5 is infeasible.*2\.050 \.\. 2\.200.*lower it"):
+        hiq.Recipe(ratios={"candidates": (0.05, 0.2), "target_avg_bits": 2.5})
+    with pytest.raises(ValueError, match=r"target_avg_bits=2\.01 .*raise it"):
+        hiq.Recipe(ratios={"candidates": (0.05, 0.2), "target_avg_bits": 2.01})
+    hiq.Recipe(ratios={"candidates": (0.05, 0.2), "target_avg_bits": 2.2})  # the edge is reachable
+
+
+def test_batch_larger_than_the_windows_fails_before_any_stage(tmp_path):
+    recipe = hiq.Recipe(ratios={"mode": "fixed", "fixed_ratio": 0.0}, sensitivity={"enabled": False},
+                        reconstruction={"batch_size": 8})
+    with pytest.raises(ValueError, match=r"reconstruction.batch_size=8 is larger than the 4 calibration windows"):
+        hiq.quantize("tiny-llama", recipe=recipe, calibration=hiq.CalibrationOptions(nsamples=4, seqlen=64),
+                     run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "fisher.pt").exists()

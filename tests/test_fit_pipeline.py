@@ -74,6 +74,9 @@ def test_metrics_blocks_and_model(finished, tiny):
     packed = AutoModelForCausalLM.from_pretrained(run / "packed", dtype=torch.float32)
     assert perplexity(packed, windows) == perplexity(exported, windows)
     assert metrics["exports"] == {"packed": str(run / "packed"), "dequantized": str(run / "model")}
+    for path in (run / "ratios.json", run / "metrics.json", run / "packed" / "model.safetensors",
+                 run / "model" / "model.safetensors"):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # readable by the user's group like any output
     packed_mb = (run / "packed" / "model.safetensors").stat().st_size
     assert packed_mb < 0.5 * (run / "model" / "model.safetensors").stat().st_size
     # zero-shot through lm-eval on the quantized model in memory (evaluation.tasks)

@@ -5,8 +5,9 @@ Input columns are permuted so each part is contiguous: ``perm = [high-impact col
 score, normal columns in original order]`` (the split of :func:`hiq.quant.mixed.split_columns`, the one M
 was measured with). Each part is quantized as its own matrix, so a scale/zero group never mixes bit widths.
 ``finish()`` turns the layer into what export needs — integer codes, scales, zeros and the permutation
-(:class:`QuantizedLinearRecord`) — and :func:`dequantize_record` rebuilds the weight in original column order,
-bit-identical to the finished layer's forward.
+(:class:`QuantizedLinearRecord`) — and :func:`dequantize_record` rebuilds the weight in original column order:
+the finished layer's weight with its scales rounded to float16 values (what the packed checkpoint stores; the
+block's linears get exactly this weight, so what is evaluated is what is deployed).
 """
 
 from __future__ import annotations
