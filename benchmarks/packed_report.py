@@ -14,11 +14,13 @@ Rows:
             the whole checkpoint next to the fp16 one
   equality  bundled only: max |logits(packed) - logits(dequantised model/)| (both in float32) and WikiText-2
             perplexity of the packed model vs ``metrics.json``
-  memory    peak RSS of a fresh process that loads the checkpoint and runs one forward (512 tokens), fp16 vs
-            packed; the process's RSS after importing torch + transformers + hiq is reported beside it
-  speed     tokens/s of a 512-token prefill and of greedy decoding (64 tokens, KV cache), fp16 vs packed, in one
-            process one after the other (``--compute-dtype``, default float32: CPU matmuls in fp16 are slow on
-            most CPUs; both models compute in that dtype), and where a packed forward's time goes (one layer)
+  memory    resident memory (VmRSS) of a fresh process that loads the checkpoint and runs one forward (512
+            tokens), fp16 vs packed, counted from its RSS after importing torch + transformers + hiq; and the
+            process's peak RSS (which the imports' transient peak can dominate)
+  speed     tokens/s of a 512-token prefill and of greedy decoding (32 tokens after a 32-token prompt, KV cache),
+            fp16 vs packed, in one process one after the other (``--compute-dtype``, default float32: CPU matmuls
+            in fp16 are slow on most CPUs; both models compute in that dtype), and where a packed forward's time
+            goes (one layer)
 
 Timings are only meaningful with nothing else running on the machine.
 
@@ -106,15 +108,23 @@ def size_rows(fp16_dir: Path, packed_dir: Path) -> dict:
 MEMORY_CHILD = r"""
 import json, resource, sys, torch
 import hiq, transformers
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def rss():  # current resident memory, MiB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+base = rss()
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = rss()
 x = torch.randint(0, m.config.vocab_size, (1, 512))
 with torch.no_grad():
     m(x)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"import_mb": base, "after_load_mb": loaded, "peak_mb": peak}))
+print(json.dumps({"import_mb": base, "after_load_mb": loaded, "after_forward_mb": rss(), "peak_mb": peak()}))
 """
 
 
@@ -135,7 +145,7 @@ def _median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def speed(fp16_dir: Path, packed_dir: Path, dtype: torch.dtype, repeats: int, new_tokens: int = 64) -> dict:
+def speed(fp16_dir: Path, packed_dir: Path, dtype: torch.dtype, repeats: int, new_tokens: int = 32) -> dict:
     from transformers import AutoModelForCausalLM
 
     models = {"fp16": AutoModelForCausalLM.from_pretrained(fp16_dir, dtype=dtype).eval(),
@@ -260,13 +270,18 @@ def print_tables(report: dict) -> None:
         if e:
             print(f"\n{s}: max |logit diff| packed vs dequantised {e['max_abs_logit_diff']:.3g}; WikiText-2 ppl "
                   f"packed {e['packed_wikitext2_ppl']:.4f} vs metrics.json {e['metrics_wikitext2_ppl']:.4f}")
-    print("\n| shape | peak RSS load + forward: fp16 | packed | after imports (both) |")
-    print("|---|---|---|---|")
+    print("\n| shape | RSS after imports | + load: fp16 | packed | + one forward (512 tok): fp16 | packed | "
+          "process peak: fp16 | packed |")
+    print("|---|---|---|---|---|---|---|---|")
     for s in shapes:
         m = report[s].get("memory")
         if m:
-            print(f"| {s} | {m['fp16']['peak_mb']:.0f} MiB | {m['packed']['peak_mb']:.0f} MiB | "
-                  f"{m['fp16']['import_mb']:.0f} / {m['packed']['import_mb']:.0f} MiB |")
+            a, b = m["fp16"], m["packed"]
+            print(f"| {s} | {a['import_mb']:.0f} / {b['import_mb']:.0f} MiB | "
+                  f"{a['after_load_mb'] - a['import_mb']:.0f} MiB | {b['after_load_mb'] - b['import_mb']:.0f} MiB | "
+                  f"{a['after_forward_mb'] - a['import_mb']:.0f} MiB | "
+                  f"{b['after_forward_mb'] - b['import_mb']:.0f} MiB | {a['peak_mb']:.0f} MiB | "
+                  f"{b['peak_mb']:.0f} MiB |")
     print("\n| shape | prefill 512 tok/s: fp16 | packed | packed / fp16 | decode tok/s: fp16 | packed | "
           f"packed / fp16 |  (compute dtype {report['compute_dtype']}, {report['torch_threads']} threads)")
     print("|---|---|---|---|---|---|---|")

@@ -173,23 +173,43 @@ class PackedLinear(nn.Module):
         keep[high] = False
         return torch.cat([high, keep.nonzero().flatten()])
 
-    def _part(self, part: str, width: int, bits: int) -> torch.Tensor:
-        out = self.out_features
+    #: Output rows dequantised per step: bounds the float32 temporaries of a forward to a few MB per step.
+    ROWS_PER_STEP = 256
+
+    def _part_rows(self, part: str, width: int, bits: int, rows: slice) -> torch.Tensor:
+        """Float32 weights of rows ``rows`` of one part, ``(len(rows), width)``."""
+        n = rows.stop - rows.start
         widths = group_widths(width, self.group_size)
-        codes = unpack_codes(getattr(self, f"{part}_codes"), bits, out * width).view(out, width)
-        zero = unpack_codes(getattr(self, f"{part}_zero"), bits, out * len(widths)).view(out, len(widths))
-        scale = getattr(self, f"{part}_scale").float()
-        if len(widths) == 1:
+        g = len(widths)
+        # codes are stored row-major, so a run of whole rows is a run of the stream; with b | 8 and whole bytes
+        # per row it starts on a byte boundary, else unpack from the row-run's first full byte
+        first, last = rows.start * width * bits, rows.stop * width * bits
+        packed = getattr(self, f"{part}_codes")
+        start_byte, skip = divmod(first, 8)
+        if skip:  # a row-run not starting on a byte boundary (odd widths at 3 bits): unpack from the stream start
+            codes = unpack_codes(packed, bits, rows.stop * width)[rows.start * width:]
+        else:
+            codes = unpack_codes(packed[start_byte: (last + 7) // 8], bits, n * width)
+        codes = codes.view(n, width)
+        zero = unpack_codes(getattr(self, f"{part}_zero"), bits, self.out_features * g).view(-1, g)[rows]
+        scale = getattr(self, f"{part}_scale")[rows].float()
+        if g == 1:
             return (codes.float() - zero.float()) * scale
         reps = torch.tensor(widths, device=codes.device)
         return (codes.float() - zero.float().repeat_interleave(reps, dim=1)) * scale.repeat_interleave(reps, dim=1)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``(out, in)`` weight in original column order."""
-        parts = [self._part(p, w, b) for p, (w, b) in _part_widths(self.geometry).items() if w]
-        stored = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        weight = torch.empty_like(stored).index_copy_(1, self.permutation(), stored)
-        return weight.to(dtype)
+        """The ``(out, in)`` weight in original column order, built ``ROWS_PER_STEP`` rows at a time (the float32
+        values are exact: integer codes times float16 scales; then cast to ``dtype``)."""
+        parts = [(p, w, b) for p, (w, b) in _part_widths(self.geometry).items() if w]
+        perm = self.permutation()
+        ref = getattr(self, f"{parts[0][0]}_scale")
+        weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=ref.device)
+        for r0 in range(0, self.out_features, self.ROWS_PER_STEP):
+            rows = slice(r0, min(r0 + self.ROWS_PER_STEP, self.out_features))
+            stored = torch.cat([self._part_rows(p, w, b, rows) for p, w, b in parts], dim=1)
+            weight[rows] = torch.empty_like(stored).index_copy_(1, perm, stored).to(dtype)
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -6,6 +6,9 @@ Runs inside a peer venv made by benchmarks/peer_tools/setup.sh (it does not impo
     .venv-peers/bin/python benchmarks/peer_tools/quantize.py --method gptq|awq|hqq ...
     .venv-peers-autoround/bin/python benchmarks/peer_tools/quantize.py --method autoround ...
         --bits B --group-size G|none --calibration <out>/calibration.pt --model <path> --out <dir>
+        [--amp on|off] [--seed S] [--iters N]       # AutoRound: bf16 autocast (its CPU default) or fp32, ...
+    .venv-peers-autoround/bin/python benchmarks/peer_tools/quantize.py --method autoround-scheme \
+        --avg-bits 2.10 --scheme-bits 2 3 --group-size none ...   # AutoRound's own mixed precision (AutoScheme)
 
 Writes ``<dir>/model``: a plain ``save_pretrained`` checkpoint (float32) whose block linears hold the tool's
 DEQUANTISED weights (every other parameter as the tool left it: AWQ folds its scales into the norms), with
@@ -15,6 +18,15 @@ dequantised weights, saving excluded), peak RSS MiB (``resource.getrusage``), th
 Matched to hiq's settings: bits, group size (``none`` = one scale/zero per output row), asymmetric grids
 (scale + zero point), the same calibration windows (int64 [n, seqlen] from ``calibration.pt``). Everything
 else is the tool's own default; the options actually passed are written to peer.json.
+
+``autoround-scheme``: ``AutoRound(scheme=AutoScheme(avg_bits=A, options=(W<b>A16 at the setting's grouping, ...),
+ignore_scale_zp_bits=True))`` -- the tool picks each block linear's bits (one of ``--scheme-bits``) so that the
+average CODE bits of the quantized layers is at most A (scale/zero excluded, as hiq's budget excludes them), then
+tunes as usual. AutoScheme's scorer accepts only a dataset *name or path* (GenScheme raises "`dataset` must be a
+string" for a list of tensors), so the calibration windows are written as decoded text to ``calib.jsonl`` and the
+tokenizer's BOS is switched off (``add_bos_token=False``): re-tokenised, each line gives back exactly its window
+(checked before the run: all must match, or the run stops). peer.json gets ``layer_bits`` (the bits AutoScheme gave
+each block linear, from ``AutoRound.layer_config``) for the per-layer grid check.
 """
 
 from __future__ import annotations
@@ -101,32 +113,91 @@ def quantize_llmcompressor(method: str, model, tokenizer, calib: torch.Tensor, b
 
 
 # ------------------------------------------------------------------------------------------- auto-round
-def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: int | None, out: Path):
-    """AutoRound(...).quantize_and_save(format="fake"): the tool's own export of QDQ (dequantised) weights."""
+def _calibration_jsonl(tokenizer, calib: torch.Tensor, path: Path) -> None:
+    """The windows as decoded text, one JSON line each, for AutoRound's local-file dataset loader (the only
+    dataset form AutoScheme's scorer takes). The caller has switched BOS off; every line must re-tokenise to
+    exactly its window (truncated at seqlen), else the run stops rather than calibrate on other tokens."""
+    lines, seqlen = [], calib.shape[1]
+    for i, row in enumerate(calib):
+        ids = row.tolist()
+        text = tokenizer.decode(ids)
+        back = tokenizer(text, truncation=True, max_length=seqlen)["input_ids"]
+        if back != ids:
+            raise RuntimeError(f"calibration window {i} does not survive decode -> tokenize "
+                               f"({sum(a != b for a, b in zip(back, ids, strict=False))} of {seqlen} tokens differ, "
+                               f"{len(back)} tokens back); AutoScheme would calibrate on other tokens")
+        lines.append(json.dumps({"text": text}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: int | None, out: Path,
+                       amp: bool | None = None, seed: int | None = None, iters: int | None = None,
+                       avg_bits: float | None = None, scheme_bits: tuple[int, ...] = ()):
+    """AutoRound(...).quantize_and_save(format="fake"): the tool's own export of QDQ (dequantised) weights.
+
+    ``avg_bits`` set: mixed precision by AutoRound's own AutoScheme over ``scheme_bits`` at this grouping."""
     from auto_round import AutoRound
     from safetensors.torch import load_file
 
-    kwargs = dict(bits=bits, group_size=-1 if group is None else group, sym=False,
+    gs = -1 if group is None else group
+    kwargs = dict(bits=bits, group_size=gs, sym=False,
                   dataset=[row.unsqueeze(0) for row in calib], nsamples=calib.shape[0], seqlen=calib.shape[1],
                   device_map="cpu")
+    if amp is not None:
+        kwargs["amp"] = amp
+    if seed is not None:
+        kwargs["seed"] = seed
+    if iters is not None:
+        kwargs["iters"] = iters
+    notes = ["asymmetric (sym=False)"]
+    if amp is False:
+        notes.append("fp32 tuning (amp=False)")
+    scheme_repr = None
+    if avg_bits is not None:
+        from auto_round import AutoScheme
+        from auto_round.schemes import QuantizationScheme
+
+        options = tuple(QuantizationScheme(bits=b, group_size=gs, sym=False, data_type="int") for b in scheme_bits)
+        scheme = AutoScheme(avg_bits=avg_bits, options=options, ignore_scale_zp_bits=True,
+                            nsamples=calib.shape[0], seqlen=calib.shape[1])
+        tokenizer.add_bos_token = False  # the windows carry no BOS; see _calibration_jsonl
+        jsonl = out / "calib.jsonl"
+        _calibration_jsonl(tokenizer, calib, jsonl)
+        for k in ("bits", "group_size", "sym"):
+            kwargs.pop(k)
+        kwargs.update(scheme=scheme, dataset=str(jsonl))
+        scheme_repr = {"avg_bits": avg_bits, "options": [f"W{b}A16 group_size={gs} sym=False int" for b in scheme_bits],
+                       "ignore_scale_zp_bits": True, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+                       "method": scheme.method}
+        notes.append(f"AutoScheme avg_bits={avg_bits} over W{'/W'.join(map(str, scheme_bits))}A16, scale/zero bits "
+                     f"excluded (ignore_scale_zp_bits=True); calibration as calib.jsonl (decoded windows, BOS off, "
+                     f"re-tokenised identically)")
     fake_dir = out / "autoround-fake"
     timing = fake_dir / "timing.json"  # written right after the export, so a later failure can resume from it
-    options = {k: v for k, v in kwargs.items() if k != "dataset"}
+    options = {k: v for k, v in kwargs.items() if k not in ("dataset", "scheme")}
+    if scheme_repr is not None:
+        options["scheme"] = scheme_repr
+    layer_bits = None
     if timing.is_file():
         log(f"reusing the finished AutoRound export in {fake_dir}")
         reused = json.loads(timing.read_text())
         options.update(reused.get("options", {}))
+        layer_bits = reused.get("layer_bits")
     else:
         t0 = time.time()
         ar = AutoRound(model, tokenizer, **kwargs)
         ar.quantize_and_save(output_dir=str(fake_dir), format="fake")  # writes <fake_dir>/<model name>-w<b>a16/
         for attr in ("iters", "lr", "minmax_lr", "batch_size", "enable_minmax_tuning", "amp", "amp_dtype",
-                     "scale_dtype", "data_type", "enable_quanted_input", "enable_torch_compile"):
+                     "scale_dtype", "data_type", "enable_quanted_input", "enable_torch_compile", "seed"):
             value = getattr(ar, attr, None)
             if value is not None:
                 options[attr] = value if isinstance(value, (int, float, bool, str)) else str(value)
+        if avg_bits is not None:
+            layer_bits = {name: int(cfg["bits"]) for name, cfg in (ar.layer_config or {}).items()
+                          if ".layers." in name and name.split(".")[-1] in BLOCK_LINEARS}
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        reused = {"seconds": time.time() - t0, "peak_rss_mb": round(rss, 1), "options": options}
+        reused = {"seconds": time.time() - t0, "peak_rss_mb": round(rss, 1), "options": options,
+                  "layer_bits": layer_bits}
         timing.write_text(json.dumps(reused, indent=2) + "\n")
         reused = None
     state = {}
@@ -134,13 +205,16 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
         state.update(load_file(str(f)))
     deq = {k[: -len(".weight")]: v.float() for k, v in state.items()
            if k.endswith(".weight") and ".layers." in k and k.split(".")[-2] in BLOCK_LINEARS}
-    options["dataset"] = f"{calib.shape[0]} tensors [1, {calib.shape[1]}] from calibration.pt"
+    if avg_bits is not None and (not layer_bits or set(layer_bits) != set(deq)):
+        raise RuntimeError(f"AutoScheme: per-layer bits for {len(layer_bits or {})} layers, "
+                           f"{len(deq)} block linears exported")
+    options["dataset"] = (f"{calib.shape[0]} tensors [1, {calib.shape[1]}] from calibration.pt" if avg_bits is None
+                          else f"calib.jsonl: the {calib.shape[0]} windows of calibration.pt as text")
     options["dequantise"] = "quantize_and_save(format='fake') checkpoint, block linear weights"
-    notes = ["asymmetric (sym=False)"]
     if reused is not None:
         notes.append(f"quantization reused from a finished export in {fake_dir.name}/ (timing.json: "
                      f"{reused.get('note', 'seconds and peak RSS of the run that made it')})")
-    return deq, options, notes, ("auto-round", version("auto-round")), state, reused
+    return deq, options, notes, ("auto-round", version("auto-round")), state, reused, layer_bits
 
 
 # ------------------------------------------------------------------------------------------- hqq
@@ -194,13 +268,22 @@ def save_dequantised(model_path: str, deq: dict[str, torch.Tensor], source_state
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=["gptq", "awq", "autoround", "hqq"])
+    p.add_argument("--method", required=True, choices=["gptq", "awq", "autoround", "autoround-scheme", "hqq"])
     p.add_argument("--bits", type=int, required=True)
     p.add_argument("--group-size", required=True, help="input columns per group, or 'none' for per-channel")
     p.add_argument("--calibration", required=True, help="int64 tensor [n, seqlen] (torch.save)")
     p.add_argument("--model", required=True, help="save_pretrained directory of the model to quantize")
     p.add_argument("--out", required=True)
+    p.add_argument("--amp", choices=["on", "off"], default=None,
+                   help="AutoRound: on = bf16 autocast (its CPU default), off = fp32 (amp=False); unset = default")
+    p.add_argument("--seed", type=int, default=None, help="AutoRound's seed (unset: its default, 42)")
+    p.add_argument("--iters", type=int, default=None, help="AutoRound's steps per block (unset: its default, 200)")
+    p.add_argument("--avg-bits", type=float, default=None, help="autoround-scheme: AutoScheme's avg_bits (code bits)")
+    p.add_argument("--scheme-bits", type=int, nargs="+", default=[2, 3],
+                   help="autoround-scheme: the bit widths AutoScheme chooses from (same grouping)")
     args = p.parse_args(argv)
+    if args.method == "autoround-scheme" and args.avg_bits is None:
+        p.error("--method autoround-scheme needs --avg-bits")
     group = None if args.group_size.lower() in ("none", "null", "-1", "0") else int(args.group_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.method in ("gptq", "awq"):
         deq, options, notes, tool = quantize_llmcompressor(args.method, model, tokenizer, calib, args.bits, group)
         qmodel = model
-    elif args.method == "autoround":
-        deq, options, notes, tool, fake_state, reused = quantize_autoround(model, tokenizer, calib, args.bits,
-                                                                            group, out)
+    elif args.method in ("autoround", "autoround-scheme"):
+        amp = None if args.amp is None else args.amp == "on"
+        scheme = args.method == "autoround-scheme"
+        deq, options, notes, tool, fake_state, reused, layer_bits = quantize_autoround(
+            model, tokenizer, calib, args.bits, group, out, amp=amp, seed=args.seed, iters=args.iters,
+            avg_bits=args.avg_bits if scheme else None, scheme_bits=tuple(args.scheme_bits) if scheme else ())
         qmodel = None
     else:
         deq, options, notes, tool = quantize_hqq(model, args.bits, group)
@@ -232,17 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     else:  # AutoRound: its exported fake checkpoint
         source_state = fake_state
     seconds = time.time() - t0
-    if args.method == "autoround" and reused is not None:  # the export's own run time, not this re-read
+    if args.method.startswith("autoround") and reused is not None:  # the export's own run time, not this re-read
         seconds = reused["seconds"]
     save_dequantised(args.model, deq, source_state, out / "model")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    if args.method == "autoround" and reused is not None:
+    if args.method.startswith("autoround") and reused is not None:
         rss = max(rss, reused["peak_rss_mb"])
     info = {"method": args.method, "tool": tool[0], "version": tool[1], "bits": args.bits, "group_size": group,
             "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1), "options": options, "notes": notes,
             "setting_note": "; ".join(n for n in notes if n.startswith("per-channel as")),
             "calibration": {"path": str(args.calibration), "shape": list(calib.shape)},
             "torch": torch.__version__, "transformers": version("transformers"), "layers": len(deq)}
+    if args.method == "autoround-scheme":
+        info.update(avg_bits_target=args.avg_bits, scheme_bits=args.scheme_bits, layer_bits=layer_bits)
     (out / "peer.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log(f"done in {seconds:.1f} s; wrote {out / 'model'} and {out / 'peer.json'}")
     return 0
