@@ -353,7 +353,8 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     from hiq.artifacts import RunDir, load_json, load_tensors
     from hiq.layouts import layout_for
     from hiq.model import load_model_and_tokenizer
-    from hiq.recipe import EXPORT_FORMATS, digest
+    from hiq.pipeline import weights_digest
+    from hiq.recipe import EXPORT_FORMATS
 
     run = RunDir(run_dir)
     if not run.root.is_dir():
@@ -387,7 +388,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
         keys.append(saved["key"])
         for local, record in saved["layers"].items():
             records[layout.full_name(fp_model, b, local)] = record
-    weights_key = digest({"model": source, "blocks": keys})
+    weights_key = weights_digest(source, keys)
     if metrics.get("weights_key") not in (None, weights_key):
         raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
                          f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")

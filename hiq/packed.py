@@ -124,8 +124,8 @@ def pack_layer(record: dict) -> dict[str, torch.Tensor]:
             continue
         half = scale.to(torch.float16)
         if not torch.equal(half.float(), scale.float()):
-            raise ValueError(f"{part} scales are not float16 values; records written before hiq 0.1 keep float32 "
-                             f"scales: rerun the reconstruction to export them packed")
+            raise ValueError(f"{part} scales are not float16 values: the record predates record format 2 "
+                             f"(hiq.quant.hybrid.RECORD_FORMAT); rerun the reconstruction to export it packed")
         out[f"{part}_codes"] = pack_codes(codes, bits)
         out[f"{part}_scale"] = half.contiguous()
         out[f"{part}_zero"] = pack_codes(zero.round().to(torch.int32), bits)
@@ -176,11 +176,11 @@ class PackedLinear(nn.Module):
     #: Output rows dequantised per step: bounds the float32 temporaries of a forward to a few MB per step.
     ROWS_PER_STEP = 256
 
-    def _part_rows(self, part: str, width: int, bits: int, rows: slice) -> torch.Tensor:
-        """Float32 weights of rows ``rows`` of one part, ``(len(rows), width)``."""
+    def _part_rows(self, part: str, width: int, bits: int, zero: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Float32 weights of rows ``rows`` of one part, ``(len(rows), width)``; ``zero`` = the part's unpacked
+        ``(out, n_groups)`` zero points."""
         n = rows.stop - rows.start
         widths = group_widths(width, self.group_size)
-        g = len(widths)
         # codes are stored row-major, so a run of whole rows is a run of the stream; with b | 8 and whole bytes
         # per row it starts on a byte boundary, else unpack from the row-run's first full byte
         first, last = rows.start * width * bits, rows.stop * width * bits
@@ -191,9 +191,9 @@ class PackedLinear(nn.Module):
         else:
             codes = unpack_codes(packed[start_byte: (last + 7) // 8], bits, n * width)
         codes = codes.view(n, width)
-        zero = unpack_codes(getattr(self, f"{part}_zero"), bits, self.out_features * g).view(-1, g)[rows]
+        zero = zero[rows]
         scale = getattr(self, f"{part}_scale")[rows].float()
-        if g == 1:
+        if len(widths) == 1:
             return (codes.float() - zero.float()) * scale
         reps = torch.tensor(widths, device=codes.device)
         return (codes.float() - zero.float().repeat_interleave(reps, dim=1)) * scale.repeat_interleave(reps, dim=1)
@@ -205,9 +205,11 @@ class PackedLinear(nn.Module):
         perm = self.permutation()
         ref = getattr(self, f"{parts[0][0]}_scale")
         weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=ref.device)
+        zeros = {p: unpack_codes(getattr(self, f"{p}_zero"), b, getattr(self, f"{p}_scale").numel())
+                 .view(self.out_features, -1) for p, _, b in parts}
         for r0 in range(0, self.out_features, self.ROWS_PER_STEP):
             rows = slice(r0, min(r0 + self.ROWS_PER_STEP, self.out_features))
-            stored = torch.cat([self._part_rows(p, w, b, rows) for p, w, b in parts], dim=1)
+            stored = torch.cat([self._part_rows(p, w, b, zeros[p], rows) for p, w, b in parts], dim=1)
             weight[rows] = torch.empty_like(stored).index_copy_(1, perm, stored).to(dtype)
         return weight
 

@@ -146,7 +146,12 @@ class Job:
 
     def weights_key(self) -> str:
         """What the weights are: the model plus, if blocks were reconstructed, every block's key."""
-        return digest({"model": self.model_name, "blocks": self.state.block_keys or None})
+        return weights_digest(self.model_name, self.state.block_keys)
+
+
+def weights_digest(model_name: str, block_keys: list[str]) -> str:
+    """The key of a model's weights: its name and the keys of its reconstructed blocks (``metrics.json``)."""
+    return digest({"model": model_name, "blocks": list(block_keys) or None})
 
 
 def load_if_current(path: Path, key: str, json_file: bool = False) -> dict | None:
