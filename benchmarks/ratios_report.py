@@ -13,13 +13,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+from hiq.artifacts import load_tensors
 
 
 def summarise(run: Path) -> str:
     ratios = json.loads((run / "ratios.json").read_text())
-    blocks = [torch.load(p, weights_only=True) for p in sorted((run / "sensitivity").glob("block_*.pt"))]
-    fisher = torch.load(run / "fisher.pt", weights_only=True)
+    blocks = [load_tensors(p) for p in sorted((run / "sensitivity").glob("block_*.safetensors"))]
+    fisher = load_tensors(run / "fisher.safetensors")
     evals = sum(b["evaluations"] for b in blocks)
     seconds = sum(b["seconds"] for b in blocks)
     rho = [b["fidelity"]["spearman"] for b in blocks if "fidelity" in b]

@@ -11,6 +11,7 @@ benchmarks call these.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -21,6 +22,14 @@ from typing import Any
 
 import torch
 
+from hiq.checks import (
+    check_batches,
+    check_model_dir,
+    check_trainer,
+    check_writable,
+    prepare_run_folder,
+    run_manifest,
+)
 from hiq.recipe import (
     CalibrationOptions,
     EvaluationOptions,
@@ -104,11 +113,34 @@ def _calibration(calibration, tokenizer_path: str):
     return CalibrationData(**asdict(calibration), tokenizer_path=tokenizer_path)
 
 
-def _check_windows(recipe: Recipe, nsamples: int) -> None:
+_CLAIMED: set[tuple[str, str]] = set()
+
+
+def claim_run_folder(root, model_name: str, recipe: Recipe, calibration: CalibrationOptions,
+                     overwrite: bool = False) -> str:
+    """One run per folder (:func:`hiq.checks.prepare_run_folder`); DDP children only check, the launcher writes."""
+    manifest = run_manifest(model_name, recipe.run_dict(), asdict(calibration))
+    claim = (str(Path(root).resolve()), json.dumps(manifest, sort_keys=True))
+    if claim in _CLAIMED:  # hiq fit claimed it while validating, before the model loaded
+        return "claimed"
+    launcher = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    status = prepare_run_folder(root, manifest, overwrite, write=launcher)
+    _CLAIMED.add(claim)
+    if launcher and status != "new":
+        print(f"[hiq] run directory {root}: " + {
+            "resume": "same run found; finished stages are reused after their checks",
+            "overwritten": "another run's artifacts removed (--overwrite)",
+            "adopted": "artifacts without run.json found; each is reused only if its key and checksum match"}[status],
+            file=sys.stderr)
+    return status
+
+
+def _check_windows(recipe: Recipe, nsamples: int, world_size: int = 1) -> None:
     """Before any heavy work: the stages ask for no more calibration windows than there are."""
     rec, sens = recipe.reconstruction, recipe.sensitivity
     if rec.enabled:
         windows = min(rec.nsamples or nsamples, nsamples)
+        check_batches(rec.batch_size, windows, world_size)
         if rec.batch_size > windows:
             raise ValueError(f"reconstruction.batch_size={rec.batch_size} is larger than the {windows} calibration "
                              f"windows the block fits get (data.nsamples={nsamples}"
@@ -136,6 +168,7 @@ def quantize(
     plots: PlotOptions | None = None,
     trainer=None,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``recipe``: Fisher -> M -> ratios -> per-block fits (-> export -> evaluation).
 
@@ -152,15 +185,32 @@ def quantize(
         trainer: a ``lightning.Trainer`` to run the outer fit on (its callbacks get the stages), or a dict of
             ``Trainer`` arguments (``{"accelerator": "cuda", "devices": 2, "strategy": "ddp"}``).
         dtype: dtype to load a model given by path in.
+        overwrite: ``run_dir`` may hold another run (other model, recipe or calibration): remove its artifacts
+            instead of refusing. A folder holding this same run is always resumed.
+
+    Inputs are checked before the model loads (paths, budget, batch sizes, devices) and the calibration text
+    before the first forward pass; a mistake raises ``ValueError`` naming the value and the fix.
     """
     import lightning as L
 
     from hiq.callbacks import method_callbacks
 
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else (recipe or Recipe())
+    if isinstance(trainer, L.Trainer):
+        world_size = trainer.world_size
+    else:
+        kwargs = {**TRAINER_DEFAULTS, "logger": False, **(trainer or {})}
+        world_size = check_trainer(kwargs)
+    if evaluation is not None:
+        from hiq.perplexity import check_evaluation
+
+        check_evaluation(evaluation)
+    if isinstance(model, str | Path | ModelOptions):
+        check_model_dir(model.path if isinstance(model, ModelOptions) else str(model))
     pipeline = _pipeline(model, tokenizer, dtype)
     data = _calibration(calibration, pipeline.model_name)
-    _check_windows(recipe, data.options.nsamples)
+    _check_windows(recipe, data.options.nsamples, world_size)
+    data.windows(pipeline.tokenizer, getattr(pipeline.model.config, "max_position_embeddings", None))
     callbacks = method_callbacks(recipe, export, evaluation, plots)
     if isinstance(trainer, L.Trainer):
         if run_dir is not None and Path(trainer.default_root_dir) != Path(run_dir):
@@ -168,10 +218,10 @@ def quantize(
                              f"{trainer.default_root_dir!r}; give one of them")
         trainer.callbacks.extend(callbacks)
     else:
-        kwargs = {**TRAINER_DEFAULTS, "logger": False, **(trainer or {})}
         kwargs["default_root_dir"] = str(run_dir or default_run_dir(recipe.label().lower().replace(" ", "-")
                                                                     .replace("/", "")))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
+    claim_run_folder(trainer.default_root_dir, pipeline.model_name, recipe, data.options, overwrite)
     with warnings.catch_warnings():
         # the outer fit has no optimizer and runs no batches by design (hiq.pipeline); the block fits run max_steps
         for message in (r".*configure_optimizers.* returned .None.", r".*max_epochs.* was not set",
@@ -275,6 +325,10 @@ def evaluate(
             raise ValueError(f"{model.path} is already quantized ({method}); score it as it is with "
                              f"--quant.method=none")
     check_evaluation(evaluation)
+    if isinstance(model, ModelOptions):
+        check_model_dir(model.path)
+    if output is not None:
+        check_writable(output, "output", directory=False)
     label = quant.label()
     name = model.path if isinstance(model, ModelOptions) else str(getattr(model, "name_or_path", "") or "model")
     print(f"[hiq eval] {label} on {name}", file=sys.stderr)
@@ -350,9 +404,9 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     Returns ``{format: directory}``. The blocks must be the run's own: their keys are checked against
     ``metrics.json``'s ``weights_key``.
     """
-    from hiq.artifacts import RunDir, load_json, load_tensors
+    from hiq.artifacts import ArtifactError, RunDir, load_json, load_tensors
     from hiq.layouts import layout_for
-    from hiq.model import load_model_and_tokenizer
+    from hiq.model import load_model_and_tokenizer, model_fingerprint
     from hiq.pipeline import weights_digest
     from hiq.recipe import EXPORT_FORMATS
 
@@ -367,10 +421,16 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     source = model or metrics.get("model")
     if not source:
         raise ValueError(f"{run.metrics} is missing, so the source model is unknown; pass it (--model.path=...)")
-    paths = sorted((run.root / "blocks").glob("block_*.pt"))
+    paths = sorted((run.root / "blocks").glob("block_*.safetensors"))
     if not paths:
-        raise FileNotFoundError(f"{run.root / 'blocks'} holds no block_XX.pt; the run did not reconstruct any block")
+        raise FileNotFoundError(f"{run.root / 'blocks'} holds no block_XX.safetensors; the run did not reconstruct "
+                                f"any block")
     fp_model, tokenizer = load_model_and_tokenizer(source, "float32")
+    fingerprint = model_fingerprint(fp_model)
+    if metrics.get("model_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"the model at {source} is not the one the run quantized (weights fingerprint {fingerprint} "
+                         f"!= {metrics['model_fingerprint']} in {run.metrics}); pass the run's model "
+                         f"(--model.path=...) or rerun hiq fit")
     layout = layout_for(fp_model)
     n_blocks = len(layout.blocks_of(fp_model))
     expected = [run.block(b) for b in range(n_blocks)]
@@ -382,13 +442,12 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     for b, path in enumerate(expected):
         try:
             saved = load_tensors(path)
-        except Exception as err:  # torch's zip reader raises RuntimeError/EOFError/... on damaged files
-            raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); rerun hiq fit on the run "
-                             f"directory to recompute it") from None
+        except ArtifactError as err:
+            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
         keys.append(saved["key"])
         for local, record in saved["layers"].items():
             records[layout.full_name(fp_model, b, local)] = record
-    weights_key = weights_digest(source, keys)
+    weights_key = weights_digest(source, keys, fingerprint)
     if metrics.get("weights_key") not in (None, weights_key):
         raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
                          f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")

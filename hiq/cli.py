@@ -36,7 +36,7 @@ def build_eval_parser():
     from hiq.api import RTNOptions, evaluate
     from hiq.recipe import EvaluationOptions, ModelOptions
 
-    parser = ArgumentParser(prog="hiq eval", description=evaluate.__doc__, default_env=False)
+    parser = ArgumentParser(prog="hiq eval", description=evaluate.__doc__, default_env=False, **_parser_kwargs())
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with model/quant/evaluation keys")
     parser.add_class_arguments(ModelOptions, "model")
     parser.add_class_arguments(RTNOptions, "quant")
@@ -51,14 +51,10 @@ def eval_main(argv: list[str]) -> int:
 
     parser = build_eval_parser()
     cfg = parser.parse_args(argv)
-    try:
-        init = parser.instantiate(cfg)
-        output = init.output or Path("runs/eval") / (
-            f"{init.quant.label().lower().replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        result = evaluate(init.model, evaluation=init.evaluation, quant=init.quant, output=output)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"hiq eval: error: {err}", file=sys.stderr)
-        return 2
+    init = parser.instantiate(cfg)
+    output = init.output or Path("runs/eval") / (
+        f"{init.quant.label().lower().replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    result = evaluate(init.model, evaluation=init.evaluation, quant=init.quant, output=output)
     result.pop("output", None)
     print(summary_line({**result, "output": str(output)}))
     return 0
@@ -89,6 +85,80 @@ def _wandb_into_run_dir(trainer_cfg, run_dir: str) -> None:
                 os.environ.setdefault(var, str(Path(run_dir) / "wandb"))
 
 
+def _section(cfg, cls):
+    """The dataclass ``cls`` from a parsed config section (its ``__post_init__`` validates it)."""
+    values = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg or {})
+    return cls(**values)
+
+
+def validate_fit_config(cfg) -> dict:
+    """Every check that needs no model weights, before LightningCLI loads the model: the model folder, the recipe
+    (budget inside the reachable range), batch sizes against windows and processes, devices, evaluation datasets,
+    the run folder (one run per folder) and the calibration text (tokenised here; the windows are returned and
+    reused). Raises ``ValueError`` naming the value and the fix."""
+    import hiq.recipe as R
+    from hiq.api import _check_windows, claim_run_folder
+    from hiq.checks import check_model_dir, check_trainer, model_context
+    from hiq.modules import CalibrationData
+    from hiq.perplexity import check_evaluation
+
+    sections = {name: _section(cfg.get(name), cls) for name, cls in FIT_CLASSES.items()}
+    recipe = R.Recipe(**{k: sections[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
+    evaluation = sections["evaluation"]
+    check_evaluation(evaluation)
+    world_size = check_trainer(cfg.trainer.as_dict() if hasattr(cfg.trainer, "as_dict") else dict(cfg.trainer))
+    resolved = check_model_dir(cfg.model.path)
+    data = CalibrationData(**{k: v for k, v in _section_dict(cfg.data).items() if k != "tokenizer_path"},
+                           tokenizer_path=cfg.model.path)
+    _check_windows(recipe, data.options.nsamples, world_size)
+    context = model_context(resolved)
+    windows = data.windows(max_context=context)
+    claim_run_folder(cfg.trainer.default_root_dir, cfg.model.path, recipe, data.options, bool(cfg.get("overwrite")))
+    return {"windows": windows, "options": data.options}
+
+
+def _section_dict(cfg) -> dict:
+    return cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg or {})
+
+
+#: ``hiq fit``'s recipe/output sections and their dataclasses.
+FIT_CLASSES: dict = {}
+
+
+def _fit_classes() -> dict:
+    import hiq.recipe as R
+
+    if not FIT_CLASSES:
+        FIT_CLASSES.update({"quant": R.QuantOptions, "ratios": R.RatioOptions, "sensitivity": R.SensitivityOptions,
+                            "reconstruction": R.ReconstructionOptions, "export": R.ExportOptions,
+                            "evaluation": R.EvaluationOptions, "plots": R.PlotOptions})
+    assert tuple(FIT_CLASSES) == FIT_SECTIONS
+    return FIT_CLASSES
+
+
+def _launcher() -> bool:
+    """This process is the one the user started (not a DDP child that re-runs the command line)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def user_error(cmd: str, err: BaseException) -> int:
+    """Print a user's mistake as one line (once per run: DDP children stay silent); exit code 2."""
+    if _launcher():
+        message = str(err).strip() or type(err).__name__
+        print(f"hiq {cmd}: error: {message}", file=sys.stderr)
+    return 2
+
+
+#: What a user's mistake raises (a bug raises anything else and keeps its traceback).
+USER_ERRORS: tuple = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _parser_kwargs() -> dict:
+    """Parse errors raise (printed as one line) instead of printing the whole usage; no option prefixes
+    (``--reconstruction.iteration`` is a typo, not ``iterations``)."""
+    return {"exit_on_error": False, "allow_abbrev": False}
+
+
 def fit_main(argv: list[str]) -> int:
     """``hiq fit``: LightningCLI builds the model, calibration data and Trainer; :func:`hiq.quantize` runs them."""
     from lightning.pytorch.cli import LightningCLI
@@ -97,16 +167,17 @@ def fit_main(argv: list[str]) -> int:
     from hiq.api import TRAINER_DEFAULTS, quantize
     from hiq.modules import CalibrationData, HiQPipeline
 
-    sections = {"quant": R.QuantOptions, "ratios": R.RatioOptions, "sensitivity": R.SensitivityOptions,
-                "reconstruction": R.ReconstructionOptions, "export": R.ExportOptions,
-                "evaluation": R.EvaluationOptions, "plots": R.PlotOptions}
-    assert tuple(sections) == FIT_SECTIONS
+    sections = _fit_classes()
+    prepared: dict = {}
 
     class HiQCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
             parser.link_arguments("model.path", "data.tokenizer_path")
             for key, cls in sections.items():  # one config section per recipe dataclass
                 parser.add_class_arguments(cls, key)
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="the run directory may hold another run: remove its artifacts instead of "
+                                     "refusing (the same run is always resumed)")
 
         def before_instantiate_classes(self):
             cfg = self.config
@@ -115,24 +186,25 @@ def fit_main(argv: list[str]) -> int:
                 cfg.trainer.default_root_dir = os.environ.get("HIQ_RUN_DIR") or default_run_dir(
                     cfg.get("config") or [])
             run_dir = str(cfg.trainer.default_root_dir)
+            prepared.update(validate_fit_config(cfg))  # before the model loads
             os.environ["HIQ_RUN_DIR"] = run_dir
             _wandb_into_run_dir(cfg.trainer, run_dir)
-            print(f"[hiq] run directory: {run_dir}", file=sys.stderr)
+            if _launcher():
+                print(f"[hiq] run directory: {run_dir}", file=sys.stderr)
 
     # DDP children re-run this process's command line (``hiq fit ...``) and arrive here again
-    try:
-        with warnings.catch_warnings():  # args=argv is this command line minus "fit", not a second one
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = HiQCLI(HiQPipeline, CalibrationData, args=argv, run=False, trainer_defaults=TRAINER_DEFAULTS,
-                         save_config_kwargs={"overwrite": True}, seed_everything_default=0)
-        init = cli.config_init
-        recipe = R.Recipe(quant=init.quant, ratios=init.ratios, sensitivity=init.sensitivity,
-                          reconstruction=init.reconstruction)
-        quantize(cli.model, recipe=recipe, calibration=cli.datamodule, export=init.export,
-                 evaluation=init.evaluation, plots=init.plots, trainer=cli.trainer)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"hiq fit: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # args=argv is this command line minus "fit", not a second one
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = HiQCLI(HiQPipeline, CalibrationData, args=argv, run=False, trainer_defaults=TRAINER_DEFAULTS,
+                     save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+                     parser_kwargs=_parser_kwargs())
+    init = cli.config_init
+    if prepared.get("options") == cli.datamodule.options:
+        cli.datamodule.use_windows(prepared["windows"])
+    recipe = R.Recipe(quant=init.quant, ratios=init.ratios, sensitivity=init.sensitivity,
+                      reconstruction=init.reconstruction)
+    quantize(cli.model, recipe=recipe, calibration=cli.datamodule, export=init.export,
+             evaluation=init.evaluation, plots=init.plots, trainer=cli.trainer, overwrite=init.overwrite)
     return 0
 
 
@@ -142,7 +214,8 @@ def export_main(argv: list[str]) -> int:
 
     from hiq.api import export_run
 
-    parser = ArgumentParser(prog="hiq export", description=export_run.__doc__, default_env=False)
+    parser = ArgumentParser(prog="hiq export", description=export_run.__doc__, default_env=False,
+                            **_parser_kwargs())
     parser.add_argument("run_dir", type=str, help="a hiq fit run directory")
     parser.add_argument("--formats", type=list[str], default=["packed"],
                         help="packed and/or compressed-tensors (single-width runs)")
@@ -150,11 +223,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--model.path", type=str | None, default=None,
                         help="source model when the run's metrics.json does not name it")
     cfg = parser.parse_args(argv)
-    try:
-        written = export_run(cfg.run_dir, cfg.formats, cfg.output, cfg.model.path)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"hiq export: error: {err}", file=sys.stderr)
-        return 2
+    written = export_run(cfg.run_dir, cfg.formats, cfg.output, cfg.model.path)
     from hiq.pipeline import dir_megabytes
 
     for fmt, path in written.items():
@@ -169,19 +238,16 @@ def generate_main(argv: list[str]) -> int:
     from hiq.api import generate
     from hiq.recipe import ModelOptions
 
-    parser = ArgumentParser(prog="hiq generate", description=generate.__doc__, default_env=False)
+    parser = ArgumentParser(prog="hiq generate", description=generate.__doc__, default_env=False,
+                            **_parser_kwargs())
     parser.add_class_arguments(ModelOptions, "model")
     parser.add_argument("--prompt", type=str, required=True, help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=40)
     parser.add_argument("--do_sample", type=bool, default=False)
     parser.add_argument("--seed", type=int, default=0)
     cfg = parser.parse_args(argv)
-    try:
-        init = parser.instantiate(cfg)
-        text = generate(init.model, cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"hiq generate: error: {err}", file=sys.stderr)
-        return 2
+    init = parser.instantiate(cfg)
+    text = generate(init.model, cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.seed)
     print(cfg.prompt + text)
     return 0
 
@@ -202,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"hiq: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd](argv[1:])
+    from jsonargparse import ArgumentError
+
+    try:
+        return COMMANDS[cmd](argv[1:])
+    except ArgumentError as err:
+        return user_error(cmd, f"{err} (hiq {cmd} --help lists the options)")
+    except USER_ERRORS as err:
+        return user_error(cmd, err)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ unpacking path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from hiq.artifacts import write_manifest
 
 __all__ = ["check_single_width", "save_compressed_tensors"]
 
@@ -94,5 +95,5 @@ def save_compressed_tensors(model: nn.Module, records: dict[str, dict], out_dir:
     with staged_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_model_files(tmp, model, qconfig.model_dump(mode="json"), dtype, tokenizer)
-        (tmp / "hiq.json").write_text(json.dumps(info or {}, indent=2) + "\n")
+        write_manifest(tmp, info or {})
     return out_dir

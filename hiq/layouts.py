@@ -1,6 +1,6 @@
 """Declarative per-architecture layouts: which modules are the blocks, which linears get quantized, which share
 an input, what to skip — keyed by full module names (``model.layers.3.self_attn.q_proj``), the names every
-other tool uses, so ``ratios.json`` and ``fisher.pt`` can be handed to them as they are.
+other tool uses, so ``ratios.json`` and ``fisher.safetensors`` can be handed to them as they are.
 
 A layout is looked up by the model's ``config.model_type`` in :data:`LAYOUTS`; a model type that is not listed
 gets the generic discovery of :mod:`hiq.model` (the outermost ``ModuleList`` of ``num_hidden_layers`` blocks;

@@ -266,3 +266,28 @@ def block_outputs(
 ) -> list[torch.Tensor]:
     """``run_block`` over every cached batch."""
     return [run_block(block, h, inputs.kwargs_for(i), device) for i, h in enumerate(inputs.hidden)]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (name, dtype, shape and bytes) of ``model`` as it is in memory.
+
+    This is what the run folder's artifacts are keyed on, so a model changed in place at the same path is never
+    mistaken for the one a run was computed from. Tensors are hashed on a thread pool (hashlib releases the GIL):
+    about 1 GB/s per core, e.g. 14 s on one core for a 7B model in fp16.
+    """
+    import hashlib
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[str, torch.Tensor]) -> bytes:
+        name, t = item
+        h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        t = t.detach().cpu().contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        return h.digest()
+
+    items = list(model.state_dict(keep_vars=False).items())
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(one, items))
+    return hashlib.sha256(b"".join(digests)).hexdigest()[:24]

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from hiq.checks import check_calibration_text
 from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.model import load_model_and_tokenizer
 from hiq.recipe import CalibrationOptions, ModelOptions
@@ -125,8 +126,13 @@ class CalibrationData(L.LightningDataModule):
             if max_context is not None and seqlen > max_context:
                 raise ValueError(f"data.seqlen={seqlen} exceeds the model's context ({max_context})")
             ids = tokenize_text(tokenizer, load_text(opts.dataset, opts.split))
+            check_calibration_text(ids.numel(), opts.nsamples, seqlen, opts.dataset)
             self._windows = calibration_windows(ids, opts.nsamples, seqlen, opts.seed)
         return self._windows
+
+    def use_windows(self, windows: torch.Tensor) -> None:
+        """Windows already made from these options (``hiq fit`` makes them while it validates its inputs)."""
+        self._windows = windows
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.windows()), batch_size=1)

@@ -35,7 +35,6 @@ integers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiq.artifacts import staged_directory
+from hiq.artifacts import file_sha256, staged_directory, write_manifest
 from hiq.quant.grid import group_widths
 from hiq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -248,14 +247,6 @@ def unquantized_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) ->
     return out
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path, tokenizer=None,
                 dtype: torch.dtype | None = None, info: dict | None = None) -> Path:
     """Write the packed checkpoint of ``model`` whose block linears ``records`` describe (full module name ->
@@ -300,7 +291,7 @@ def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path,
                            group_size=first["group_size"],
                            checksums={WEIGHTS_NAME: file_sha256(tmp / WEIGHTS_NAME)})
         write_model_files(tmp, model, config.to_dict(), dtype, tokenizer)
-        (tmp / "hiq.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **(info or {})}, indent=2) + "\n")
+        write_manifest(tmp, {"format_version": FORMAT_VERSION, **(info or {})})
     return out_dir
 
 

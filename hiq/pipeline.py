@@ -35,13 +35,16 @@ import torch
 from torch import nn
 
 from hiq.artifacts import (
+    ArtifactError,
     RunDir,
     load_json,
     load_tensors,
+    manifest_problem,
     peak_memory_mb,
     save_json,
     save_tensors,
     staged_directory,
+    write_manifest,
 )
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs
@@ -133,33 +136,51 @@ class Job:
     layout: ModelLayout
     state: RunState = field(default_factory=RunState)
     _windows_digest: str | None = field(default=None, repr=False)
+    model_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        from hiq.model import model_fingerprint
+
+        if not self.model_fingerprint:  # of the weights as loaded: the job is made before any stage changes them
+            self.model_fingerprint = model_fingerprint(self.model)
 
     def calibration_key(self) -> dict:
-        """The calibration part of every artifact key: model, data settings and the windows themselves."""
+        """The calibration part of every artifact key: the model (name and a fingerprint of its weights), data
+        settings and the windows themselves."""
         if self._windows_digest is None:
             self._windows_digest = hashlib.sha256(self.windows.contiguous().numpy().tobytes()).hexdigest()[:16]
-        return {"model": self.model_name, **asdict(self.calibration), "seqlen": int(self.windows.shape[1]),
-                "windows": self._windows_digest}
+        return {"model": self.model_name, "model_fingerprint": self.model_fingerprint, **asdict(self.calibration),
+                "seqlen": int(self.windows.shape[1]), "windows": self._windows_digest}
 
     def key(self, stage: str, **parts) -> str:
         return digest({"stage": stage, "calibration": self.calibration_key(), **parts})
 
     def weights_key(self) -> str:
-        """What the weights are: the model plus, if blocks were reconstructed, every block's key."""
-        return weights_digest(self.model_name, self.state.block_keys)
+        """What the weights are: the model (name and fingerprint) plus, if blocks were reconstructed, every
+        block's key (which holds the fingerprint too)."""
+        return weights_digest(self.model_name, self.state.block_keys, self.model_fingerprint)
 
 
-def weights_digest(model_name: str, block_keys: list[str]) -> str:
-    """The key of a model's weights: its name and the keys of its reconstructed blocks (``metrics.json``)."""
-    return digest({"model": model_name, "blocks": list(block_keys) or None})
+def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | None = None) -> str:
+    """The key of a model's weights: its name and fingerprint and the keys of its reconstructed blocks
+    (``metrics.json``)."""
+    return digest({"model": model_name, "fingerprint": fingerprint, "blocks": list(block_keys) or None})
 
 
-def load_if_current(path: Path, key: str, json_file: bool = False) -> dict | None:
-    """The artifact at ``path`` when it exists and was written under ``key``; else None."""
+def load_if_current(path: Path, key: str, json_file: bool = False, rt: Runtime | None = None) -> dict | None:
+    """The artifact at ``path`` when it exists, passes its checksum and was written under ``key``; else None
+    (and the caller recomputes it). Why it is not reused is said on stderr."""
     if not path.is_file():
         return None
-    saved = load_json(path) if json_file else load_tensors(path)
-    return saved if saved.get("key") == key else None
+    try:
+        saved = load_json(path, sealed=True) if json_file else load_tensors(path)
+    except ArtifactError as err:
+        info(f"[hiq] {err.path} is damaged ({err.reason}); recomputing it", rt)
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        info(f"[hiq] {path} was computed from another model, calibration or recipe; recomputing it", rt)
+        return None
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,20 +243,19 @@ class BlockLoop:
 
 
 def fisher_stage(job: Job) -> None:
-    """Step 1: empirical Fisher diagonal of the LM loss -> one impact score per input column (``fisher.pt``)."""
+    """Step 1: empirical Fisher diagonal of the LM loss -> one impact score per input column
+    (``fisher.safetensors``)."""
     from tqdm.auto import tqdm
 
     from hiq.impact import FisherAccumulator
 
     rt, path = job.rt, job.rt.run.fisher
     key = job.key("fisher")
-    saved = load_if_current(path, key)
+    saved = load_if_current(path, key, rt=rt)
     if saved is not None:
         info(f"[hiq] Fisher scores reused from {path}", rt)
         job.state.fisher, job.state.timings["fisher"] = saved["scores"], saved["seconds"]
         return
-    if path.is_file():
-        info(f"[hiq] {path} was computed with other settings; recomputing", rt)
     t0 = time.time()
     shard = job.windows[rt.rank :: rt.world_size]
     job.model.to(rt.device)
@@ -256,7 +276,7 @@ def fisher_stage(job: Job) -> None:
 
 
 def sensitivity_stage(job: Job) -> None:
-    """Step 2: the matrix M per block (paper Eq. 7-8) on cached block inputs; ``sensitivity/block_XX.pt``.
+    """Step 2: the matrix M per block (paper Eq. 7-8) on cached block inputs; ``sensitivity/block_XX.safetensors``.
 
     Blocks are shared out across ranks (block b on rank b mod world_size) and gathered through the run directory.
     """
@@ -274,7 +294,7 @@ def sensitivity_stage(job: Job) -> None:
     bar = tqdm(total=len(loop), desc="Sensitivity (M)", unit="block", disable=not rt.is_global_zero)
     for step in loop:
         b, path = step.index, rt.run.sensitivity(step.index)
-        saved = load_if_current(path, key)
+        saved = load_if_current(path, key, rt=rt)
         if saved is not None:
             results[b] = saved
         elif b % rt.world_size == rt.rank:
@@ -343,7 +363,7 @@ def reconstruction_stage(job: Job) -> None:
 
     For block b the full-precision block on the full-precision path gives the targets; the block with hybrid
     linears is fitted on the quantized path's inputs (:func:`hiq.blockfit.fit_block`). The integer record of its
-    linears goes to ``blocks/block_XX.pt``; the block keeps the dequantised weights, and its outputs become
+    linears goes to ``blocks/block_XX.safetensors``; the block keeps the dequantised weights, and its outputs become
     the next block's quantized inputs. Each rank fits on its shard of windows; gradients are averaged.
     """
     from tqdm.auto import tqdm
@@ -371,7 +391,7 @@ def reconstruction_stage(job: Job) -> None:
         key = job.key("block", quant=asdict(q), reconstruction=opts.fingerprint(), ratios=upstream,
                       record=RECORD_FORMAT)
         path = rt.run.block(b)
-        saved = load_if_current(path, key)
+        saved = load_if_current(path, key, rt=rt)
         if saved is not None:
             info(f"[hiq] block {b}: reused {path}", rt)
             install_records(block, job.layout, saved["layers"])
@@ -431,25 +451,12 @@ def _export_dequantized(job: Job, target: Path, key: str, options: ExportOptions
         finally:
             model.to(original)
         job.tokenizer.save_pretrained(tmp)
-        save_json(tmp / "hiq.json", {
+        write_manifest(tmp, {
             "key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
             "dtype": str(dtype).removeprefix("torch."),
             "ratios": job.state.ratios.ratios if job.state.ratios is not None else None,
             "note": "weights are dequantised; the packed checkpoint (export.formats: packed) holds the integer "
                     "codes"})
-
-
-def _packed_current(target: Path, key: str) -> bool:
-    from hiq.packed import PackedFormatError, check_checkpoint
-
-    if load_if_current(target / "hiq.json", key, json_file=True) is None:
-        return False
-    try:
-        check_checkpoint(target, load_json(target / "config.json")["quantization_config"])
-    except (PackedFormatError, OSError, KeyError, ValueError) as err:
-        print(f"[hiq] {target} fails its checks ({err}); exporting it again", flush=True)
-        return False
-    return True
 
 
 def export_stage(job: Job, options: ExportOptions) -> None:
@@ -470,11 +477,12 @@ def export_stage(job: Job, options: ExportOptions) -> None:
         exports[fmt] = str(target)
         if not rt.is_global_zero:
             continue
-        current = (_packed_current(target, key) if fmt == "packed"
-                   else load_if_current(target / "hiq.json", key, json_file=True) is not None)
-        if current:
-            info(f"[hiq] export reused: {target}", rt)
+        problem = manifest_problem(target, key)
+        if problem is None:
+            info(f"[hiq] export reused: {target} (checksums verified)", rt)
             continue
+        if target.exists():
+            info(f"[hiq] {target} cannot be reused ({problem}); exporting it again", rt)
         t0 = time.time()
         if fmt == "dequantized":
             _export_dequantized(job, target, key, options)
@@ -519,14 +527,14 @@ def evaluation_stage(job: Job, options: EvaluationOptions) -> None:
             path = rt.run.evaluation(name_key)
             key = digest({"weights": weights, "dataset": name, "seqlen": options.seqlen,
                           "max_windows": options.max_windows})
-            saved = load_if_current(path, key, json_file=True)
+            saved = load_if_current(path, key, json_file=True, rt=rt)
             if saved is not None:
                 info(f"[hiq] {name}: ppl {saved['ppl']:.3f} (reused {path})", rt)
             else:
                 res = evaluate_dataset(job.model, job.tokenizer, name, seqlen=options.seqlen,
                                        max_windows=options.max_windows, batch_size=options.batch_size, progress=True)
                 saved = {**res.to_dict(), "key": key}
-                save_json(path, saved)
+                save_json(path, saved, sealed=True)
                 info(f"[hiq] {name} ({res.split}): ppl {res.ppl:.3f} [{res.windows} windows, {res.seconds:.1f}s]", rt)
             results[name_key] = saved
             eval_seconds += saved["seconds"]
@@ -568,7 +576,7 @@ def _zeroshot(job: Job, options: EvaluationOptions, weights: str) -> dict:
     key = digest({"weights": weights, "limit": options.limit, "lm_eval_version": lm_eval_version()})
     saved, missing = {}, []
     for task in options.tasks:
-        prev = load_if_current(job.rt.run.evaluation(f"zeroshot_{task}"), key, json_file=True)
+        prev = load_if_current(job.rt.run.evaluation(f"zeroshot_{task}"), key, json_file=True, rt=job.rt)
         if prev is not None:
             saved[task] = prev
         else:
@@ -578,9 +586,9 @@ def _zeroshot(job: Job, options: EvaluationOptions, weights: str) -> dict:
                                 batch_size=options.zeroshot_batch_size)
         for task in missing:
             saved[task] = {**res["tasks"][task], "seconds": res["seconds"] / len(missing), "key": key}
-            save_json(job.rt.run.evaluation(f"zeroshot_{task}"), saved[task])
+            save_json(job.rt.run.evaluation(f"zeroshot_{task}"), saved[task], sealed=True)
     tasks = options.tasks
-    per_task = {t: {k: v for k, v in saved[t].items() if k not in ("key", "seconds")} for t in tasks}
+    per_task = {t: {k: v for k, v in saved[t].items() if k not in ("key", "seconds", "checksum")} for t in tasks}
     result = {"tasks": per_task, "average": sum(per_task[t][REPORTED[t]] for t in tasks) / len(tasks),
               "limit": options.limit, "lm_eval_version": lm_eval_version(), "protocol": PROTOCOL,
               "seconds": round(sum(saved[t]["seconds"] for t in tasks), 2)}
@@ -646,6 +654,7 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
     metrics["recipe"] = job.recipe.to_dict()
     metrics["recipe_key"] = job.recipe.key()
     metrics["calibration"] = job.calibration_key()
+    metrics["model_fingerprint"] = job.model_fingerprint
     metrics["weights_key"] = job.weights_key()
     metrics["run_dir"] = str(job.rt.run.root)
     if job.state.model_dir is not None:
@@ -655,6 +664,8 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
     metrics["world_size"] = job.rt.world_size
     metrics["device"] = device_label(job.rt.device)
     metrics["memory"] = peak_memory_mb()  # of this run's process; a resumed run reports its own peak
+    import transformers
+
     metrics["versions"] = {"hiq": __version__, "torch": torch.__version__, "lightning": L.__version__,
-                           "python": platform.python_version()}
+                           "transformers": transformers.__version__, "python": platform.python_version()}
     return metrics

@@ -285,6 +285,12 @@ class Recipe:
             raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
         return cls(**data)
 
+    def run_dict(self) -> dict:
+        """What a run folder's ``run.json`` compares: the recipe without the logging cadence."""
+        out = self.to_dict()
+        out["reconstruction"] = {k: v for k, v in out["reconstruction"].items() if k != "log_every_n_steps"}
+        return out
+
     def key(self) -> str:
         """A short hash of the whole recipe (what ``metrics.json`` and the exported model record)."""
         return digest(self.to_dict())

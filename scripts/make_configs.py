@@ -59,8 +59,10 @@ TEMPLATE = """\
 # HiQ {label} (b_N={bl}, b_H={bh}, {gs_text}) on {what}.
 # Fisher scores -> matrix M -> HiGHS ratios -> hybrid AdaRound+LWC block reconstruction -> export -> perplexity.
 #   hiq fit --config configs/{model}/{name}.yaml [--trainer.default_root_dir=runs/my-run] [--model.path=...]
-# Run directory: fisher.pt, sensitivity/, ratios.json, plots/, blocks/, model/, eval/, metrics.json. Rerunning with
-# the same run directory resumes at the first unfinished stage or block. Written by scripts/make_configs.py.
+# Run directory: run.json, fisher.safetensors, sensitivity/, ratios.json, plots/, blocks/, packed/, model/, eval/,
+# metrics.json. Rerunning with the same run directory resumes at the first unfinished stage or block (every
+# artifact checked against its checksum and key); another recipe there is refused (--overwrite=true replaces it).
+# Written by scripts/make_configs.py.
 # Sections quant/ratios/sensitivity/reconstruction are the Recipe (hiq.recipe); the same recipe in Python:
 #   hiq.quantize("{path}", recipe=hiq.Recipe(quant=..., ratios=...), calibration=..., run_dir=...)
 seed_everything: 0             # Lightning's seed; every stage also has its own explicit seed below

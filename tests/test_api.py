@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hiq
+from hiq.artifacts import load_tensors
 from hiq.data import calibration_windows, load_text, tokenize_text
 
 FAST = hiq.Recipe(ratios={"candidates": (0.05, 0.2), "target_avg_bits": 2.1, "mode": "optimal"},
@@ -20,14 +21,14 @@ def test_quantize_a_loaded_model_on_given_windows(tiny_copy, tmp_path):
     assert len(result.ratios) == 56 and set(result.ratios.values()) <= {0.05, 0.2}
     assert all(model.get_submodule(name).in_features > 0 for name in result.ratios)  # full module names
     assert result.avg_bits is None and result.blocks == []  # reconstruction was off
-    fisher = torch.load(tmp_path / "run" / "fisher.pt", weights_only=True)
+    fisher = load_tensors(tmp_path / "run" / "fisher.safetensors")
     assert fisher["samples"] == 3 and fisher["calibration"]["split"] == "given"
     # other windows are other calibration: the Fisher scores are recomputed, not reused
     other = calibration_windows(tokenize_text(tokenizer, load_text("wikitext2", "train")), 3, 32, seed=2)
-    stamp = (tmp_path / "run" / "fisher.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "run" / "fisher.safetensors").stat().st_mtime_ns
     hiq.quantize(model, tokenizer, recipe=FAST, calibration=other, run_dir=tmp_path / "run",
                  trainer={"accelerator": "cpu"})
-    assert (tmp_path / "run" / "fisher.pt").stat().st_mtime_ns != stamp
+    assert (tmp_path / "run" / "fisher.safetensors").stat().st_mtime_ns != stamp
 
 
 def test_api_errors_name_the_value_and_the_fix(tiny, tmp_path):
@@ -66,4 +67,4 @@ def test_batch_larger_than_the_windows_fails_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match=r"reconstruction.batch_size=8 is larger than the 4 calibration windows"):
         hiq.quantize("tiny-llama", recipe=recipe, calibration=hiq.CalibrationOptions(nsamples=4, seqlen=64),
                      run_dir=tmp_path / "run")
-    assert not (tmp_path / "run" / "fisher.pt").exists()
+    assert not (tmp_path / "run" / "fisher.safetensors").exists()

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from hiq.artifacts import load_tensors
 from hiq.cli import main
 from tests.test_fit_pipeline import _config
 
@@ -34,15 +35,15 @@ def test_pipeline_runs_on_the_gpu(both):
     assert cpu["device"] == "cpu"
     assert gpu["device"].startswith("cuda:0 (")
     # the reconstruction's tensors came back to the host: block files load on a machine without a GPU
-    block = torch.load(tmp / "gpu" / "blocks" / "block_00.pt", map_location="cpu", weights_only=True)
+    block = load_tensors(tmp / "gpu" / "blocks" / "block_00.safetensors")
     for rec in block["layers"].values():
         assert rec["perm"].device.type == "cpu"
 
 
 def test_gpu_agrees_with_cpu(both):
     tmp, cpu, gpu = both
-    f_cpu = torch.load(tmp / "cpu" / "fisher.pt", weights_only=True)["scores"]
-    f_gpu = torch.load(tmp / "gpu" / "fisher.pt", map_location="cpu", weights_only=True)["scores"]
+    f_cpu = load_tensors(tmp / "cpu" / "fisher.safetensors")["scores"]
+    f_gpu = load_tensors(tmp / "gpu" / "fisher.safetensors")["scores"]
     for name, s in f_cpu.items():
         torch.testing.assert_close(f_gpu[name], s, rtol=1e-3, atol=1e-12)
     r_cpu, r_gpu = (json.loads((tmp / d / "ratios.json").read_text()) for d in ("cpu", "gpu"))

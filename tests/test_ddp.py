@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from hiq.artifacts import load_tensors
 from tests.test_fit_pipeline import E2E
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,8 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 def test_two_processes_match_one(tmp_path):
     one = _run(tmp_path, "one")
     two = _run(tmp_path, "two", "--trainer.devices=2", "--trainer.strategy=ddp")
-    f1 = torch.load(one / "fisher.pt", weights_only=True)
-    f2 = torch.load(two / "fisher.pt", weights_only=True)
+    f1 = load_tensors(one / "fisher.safetensors")
+    f2 = load_tensors(two / "fisher.safetensors")
     assert f1["samples"] == f2["samples"] == E2E["data"]["nsamples"]
     for name, s in f1["scores"].items():
         torch.testing.assert_close(f2["scores"][name], s, rtol=1e-5, atol=0)
@@ -42,5 +43,5 @@ def test_two_processes_match_one(tmp_path):
     assert m2["world_size"] == 2 and m1["world_size"] == 1
     assert m2["avg_bits"] == m1["avg_bits"]
     assert m2["wikitext2_ppl"] == pytest.approx(m1["wikitext2_ppl"], rel=0.05)
-    assert len(list((two / "blocks").glob("block_*.pt"))) == 8
+    assert len(list((two / "blocks").glob("block_*.safetensors"))) == 8
     assert (two / "model" / "model.safetensors").is_file()

@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hiq
+from hiq.artifacts import load_tensors
 from hiq.cli import main
 from hiq.data import eval_windows, load_text, tokenize_text
 from hiq.modules import HiQPipeline
@@ -57,7 +58,7 @@ def test_metrics_blocks_and_model(finished, tiny):
     assert metrics["wikitext2_ppl"] > fp_ppl  # 2-bit weights cost something
     assert len(metrics["blocks"]) == 8
     # every block's linears are on their b-bit grids and the file holds what export needs
-    block = torch.load(run / "blocks" / "block_03.pt", weights_only=True)
+    block = load_tensors(run / "blocks" / "block_03.safetensors")
     rec = block["layers"]["self_attn.v_proj"]
     assert sorted(rec["perm"].tolist()) == list(range(128))
     assert int(rec["high"]["codes"].max()) <= 7 and int(rec["normal"]["codes"].max()) <= 3
@@ -101,15 +102,15 @@ def test_hiq_export_rewrites_the_packed_checkpoint(finished, tmp_path, capsys):
     # a block that is not this run's is refused
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
-    shutil.copy(broken / "blocks" / "block_01.pt", broken / "blocks" / "block_02.pt")
+    shutil.copy(broken / "blocks" / "block_01.safetensors", broken / "blocks" / "block_02.safetensors")
     assert main(["export", str(broken)]) == 2
     assert "does not hold the weights" in capsys.readouterr().err
 
 
 def test_rerun_reuses_everything(finished):
     tmp, run, metrics = finished
-    files = [run / "fisher.pt", *sorted((run / "blocks").glob("*.pt")), run / "model" / "model.safetensors",
-             run / "packed" / "model.safetensors",
+    files = [run / "fisher.safetensors", *sorted((run / "blocks").glob("*.safetensors")),
+             run / "model" / "model.safetensors", run / "packed" / "model.safetensors",
              run / "eval" / "wikitext2.json", run / "eval" / "zeroshot_piqa.json"]
     stamps = {p: p.stat().st_mtime_ns for p in files}
     again = _fit(_config(tmp), run)
@@ -124,13 +125,13 @@ def test_resume_after_a_stop_gives_the_same_model(finished, tmp_path):
     shutil.copytree(run, resumed)
     # a run stopped during block 5: blocks 5-7, the export and the evaluation never happened
     for b in (5, 6, 7):
-        (resumed / "blocks" / f"block_{b:02d}.pt").unlink()
+        (resumed / "blocks" / f"block_{b:02d}.safetensors").unlink()
     for name in ("model", "eval"):
         shutil.rmtree(resumed / name)
     (resumed / "metrics.json").unlink()
-    stamp = (resumed / "blocks" / "block_04.pt").stat().st_mtime_ns
+    stamp = (resumed / "blocks" / "block_04.safetensors").stat().st_mtime_ns
     again = _fit(_config(tmp_path), resumed)
-    assert (resumed / "blocks" / "block_04.pt").stat().st_mtime_ns == stamp
+    assert (resumed / "blocks" / "block_04.safetensors").stat().st_mtime_ns == stamp
     assert again["wikitext2_ppl"] == metrics["wikitext2_ppl"]
     a, b = load_file(run / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -140,13 +141,15 @@ def test_changed_ratios_redo_downstream_blocks(finished, tmp_path):
     tmp, run, _ = finished
     other = tmp_path / "other"
     shutil.copytree(run, other)
+    # the same folder would be refused (another recipe); artifacts adopted without run.json are reused by key
+    (other / "run.json").unlink()
     cfg = json.loads(json.dumps(E2E))
     cfg["ratios"].update(mode="fixed", fixed_ratio=0.05)
-    stamp = (other / "blocks" / "block_00.pt").stat().st_mtime_ns
+    stamp = (other / "blocks" / "block_00.safetensors").stat().st_mtime_ns
     again = _fit(_config(tmp_path, cfg), other)
-    assert (other / "blocks" / "block_00.pt").stat().st_mtime_ns != stamp  # ratios differ: block redone
+    assert (other / "blocks" / "block_00.safetensors").stat().st_mtime_ns != stamp  # ratios differ: block redone
     assert again["ratio_mode"] == "fixed"
-    block = torch.load(other / "blocks" / "block_00.pt", weights_only=True)
+    block = load_tensors(other / "blocks" / "block_00.safetensors")
     assert block["layers"]["mlp.down_proj"]["n_high"] == 19  # floor(0.05 * 384)
 
 
@@ -157,28 +160,85 @@ def test_lwc_only_row_has_no_high_columns(tmp_path):
     cfg["export"] = {"enabled": False}
     metrics = _fit(_config(tmp_path, cfg), tmp_path / "lwc")
     assert metrics["avg_bits"] == 2.0
-    block = torch.load(tmp_path / "lwc" / "blocks" / "block_00.pt", weights_only=True)
+    block = load_tensors(tmp_path / "lwc" / "blocks" / "block_00.safetensors")
     assert all(r["n_high"] == 0 for r in block["layers"].values())
 
 
 def test_nan_in_a_block_stops_with_its_name_and_keeps_earlier_blocks(finished, tiny_copy, tmp_path):
     tmp, run, _ = finished
-    # same run, but the checkpoint now has a non-finite weight in block 2 (Fisher, M and ratios are reused)
+    # same run, but block 2 produces non-finite outputs under quantization (Fisher, M and ratios are reused)
     poisoned = tmp_path / "poisoned"
     poisoned.mkdir()
-    for name in ("fisher.pt", "sensitivity", "ratios.json"):
+    for name in ("fisher.safetensors", "sensitivity", "ratios.json"):
         src = run / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, poisoned / name if src.is_dir() else poisoned)
     model, tokenizer = tiny_copy
-    with torch.no_grad():
-        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
-    # the Python API on the poisoned model in memory, under the clean model's name, so Fisher/M/ratios are reused
+    from hiq.quant.hybrid import HybridLinear
+
+    def nan_while_quantized(mlp, args, output):  # block 2 turns non-finite once its linears are being quantized
+        return output * float("nan") if isinstance(mlp.up_proj, HybridLinear) else output
+
+    model.model.layers[2].mlp.register_forward_hook(nan_while_quantized)
+    # the Python API on the model in memory (same weights, so Fisher/M/ratios are reused by key)
     recipe = hiq.Recipe(quant=E2E["quant"], ratios=E2E["ratios"], sensitivity=E2E["sensitivity"],
                         reconstruction=E2E["reconstruction"])
     with pytest.raises(FloatingPointError, match="block 2: reconstruction loss is nan"):
         hiq.quantize(HiQPipeline.from_model(model, tokenizer, name="tiny-llama"), recipe=recipe,
                      calibration=E2E["data"], run_dir=poisoned, trainer={"accelerator": "cpu"})
-    assert sorted(p.name for p in (poisoned / "blocks").iterdir()) == ["block_00.pt", "block_01.pt"]
+    assert sorted(p.name for p in (poisoned / "blocks").iterdir()) == ["block_00.safetensors", "block_01.safetensors"]
     for b in (0, 1):
-        torch.load(poisoned / "blocks" / f"block_{b:02d}.pt", weights_only=True)
+        load_tensors(poisoned / "blocks" / f"block_{b:02d}.safetensors")
     assert not (poisoned / "metrics.json").exists() and not (poisoned / "model").exists()
+
+
+def test_damaged_artifacts_are_recomputed_to_the_same_model(finished, tmp_path, capsys):
+    tmp, run, metrics = finished
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+
+    def cut(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    cut(damaged / "fisher.safetensors")
+    block = damaged / "blocks" / "block_03.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in a code
+    block.write_bytes(bytes(data))
+    edited = json.loads((damaged / "eval" / "wikitext2.json").read_text())
+    edited["ppl"] = 1.2345
+    (damaged / "eval" / "wikitext2.json").write_text(json.dumps(edited))
+    cut(damaged / "model" / "model.safetensors")
+    (damaged / "packed" / "model.safetensors").write_bytes(b"\0" * 64)
+    capsys.readouterr()
+    again = _fit(_config(tmp_path), damaged)
+    err = capsys.readouterr().err
+    for name in ("fisher.safetensors is damaged", "block_03.safetensors is damaged", "wikitext2.json is damaged",
+                 "model cannot be reused (files changed since export: model.safetensors)", "packed cannot be reused"):
+        assert name in err
+    assert "block 2: reused" in err and "block 4: reused" in err  # only the damaged block is recomputed
+    assert again["wikitext2_ppl"] == metrics["wikitext2_ppl"] and again["weights_key"] == metrics["weights_key"]
+    for part in ("model", "packed"):
+        assert (damaged / part / "model.safetensors").read_bytes() == (run / part / "model.safetensors").read_bytes()
+
+
+def test_a_model_changed_in_place_is_recomputed(tiny_copy, tmp_path, capsys):
+    from tests.test_fit_ratios import _config as small_config
+
+    model, tokenizer = tiny_copy
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg, run = small_config(tmp_path), tmp_path / "run"
+    assert main(["fit", "--config", str(cfg), f"--model.path={path}", f"--trainer.default_root_dir={run}"]) == 0
+    before = load_tensors(run / "fisher.safetensors")["scores"]
+    with torch.no_grad():  # the same path, other weights
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(path)
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), f"--model.path={path}", f"--trainer.default_root_dir={run}"]) == 0
+    err = capsys.readouterr().err
+    assert "fisher.safetensors was computed from another model" in err
+    assert "block_00.safetensors was computed from another model" in err  # M too
+    after = load_tensors(run / "fisher.safetensors")["scores"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -3,9 +3,9 @@
 import json
 import re
 
-import torch
 import yaml
 
+from hiq.artifacts import load_tensors
 from hiq.cli import main
 
 SMALL = {
@@ -37,18 +37,18 @@ def test_fit_writes_every_artifact_and_resumes(tmp_path):
     assert len(ratios["layers"]) == 56 and ratios["mode"] == "optimal"
     assert ratios["achieved_avg_bits"] <= 2.1 + 1e-9 and ratios["status"] == "Optimal"
     assert {x["ratio"] for x in ratios["layers"]} <= {0.05, 0.2}
-    fisher = torch.load(run / "fisher.pt", weights_only=True)
+    fisher = load_tensors(run / "fisher.safetensors")
     assert fisher["samples"] == 4 and len(fisher["scores"]) == 56
-    blocks = sorted((run / "sensitivity").glob("block_*.pt"))
+    blocks = sorted((run / "sensitivity").glob("block_*.safetensors"))
     assert len(blocks) == 8
-    m0 = torch.load(blocks[0], weights_only=True)
+    m0 = load_tensors(blocks[0])
     assert m0["matrix"].shape == (14, 14) and m0["evaluations"] == 14 + 21 * 4
     assert "spearman" in m0["fidelity"]
     assert (run / "plots" / "fisher_channels.png").stat().st_size > 0
     assert (run / "plots" / "ratios_by_layer.png").stat().st_size > 0
 
     # a second run in the same directory reuses Fisher and M and gives the same ratios
-    stamps = {p: p.stat().st_mtime_ns for p in [run / "fisher.pt", *blocks]}
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "fisher.safetensors", *blocks]}
     assert main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((run / "ratios.json").read_text())["layers"] == ratios["layers"]
@@ -59,7 +59,7 @@ def test_infeasible_budget_fails_before_any_heavy_work(tmp_path, capsys):
     cfg = _config(tmp_path, target_avg_bits=2.01)
     assert main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={run}"]) == 2
     assert re.search(r"hiq fit: error: .*target_avg_bits=2.01 is infeasible.*2\.050", capsys.readouterr().err)
-    assert not (run / "fisher.pt").exists()
+    assert not (run / "fisher.safetensors").exists()
 
 
 def test_uniform_mode_needs_no_matrix(tmp_path):
@@ -83,4 +83,4 @@ def test_optimal_mode_without_m_is_refused(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 2
     assert "ratios.mode=optimal needs the matrix M: set sensitivity.enabled=true" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "fisher.pt").exists()
+    assert not (tmp_path / "run" / "fisher.safetensors").exists()

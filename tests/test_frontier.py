@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from hiq.artifacts import load_tensors
 from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +25,8 @@ def test_frontier_reuses_fisher_and_m_across_budgets(tmp_path, capsys, monkeypat
     assert rows[0]["avg_bits"] <= 2.05 + 1e-9 < rows[1]["avg_bits"] <= 2.2 + 1e-9
     assert (out / "frontier.png").stat().st_size > 0 and "| 2.200 | W2/3 per-channel |" in table
     # the second budget's Fisher scores and M are the first one's, reused (not recomputed)
-    a, b = (torch.load(out / d / "fisher.pt", weights_only=True) for d in ("2.050", "2.200"))
+    a, b = (load_tensors(out / d / "fisher.safetensors") for d in ("2.050", "2.200"))
     assert a["key"] == b["key"] and all(torch.equal(a["scores"][k], b["scores"][k]) for k in a["scores"])
-    assert torch.equal(torch.load(out / "2.050" / "sensitivity" / "block_03.pt", weights_only=True)["matrix"],
-                       torch.load(out / "2.200" / "sensitivity" / "block_03.pt", weights_only=True)["matrix"])
+    assert torch.equal(load_tensors(out / "2.050" / "sensitivity" / "block_03.safetensors")["matrix"],
+                       load_tensors(out / "2.200" / "sensitivity" / "block_03.safetensors")["matrix"])
     assert "--ratios.target_avg_bits=2.2" in table

@@ -46,7 +46,7 @@ class StageCallback(L.Callback):
 
 
 class FisherCallback(StageCallback):
-    """Empirical Fisher diagonal of the LM loss -> one impact score per input column (``fisher.pt``)."""
+    """Empirical Fisher diagonal of the LM loss -> one impact score per input column (``fisher.safetensors``)."""
 
     stage = "fisher"
 

@@ -1,0 +1,222 @@
+"""One validation pass before any heavy work, for ``hiq fit`` and ``hiq eval`` alike, and the run folder's
+manifest (``run.json``) that keeps one folder to one run.
+
+Everything here is cheap (files, JSON, a tokenizer at most); it raises :class:`UserError` (a ``ValueError``)
+whose message names the bad value and the fix. The CLI prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hiq.artifacts import load_json, save_json
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for (a value, a path); the message says which and how to fix it."""
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def check_model_dir(path: str) -> str:
+    """The resolved model path; a local folder must hold a readable ``config.json``, weights and a tokenizer."""
+    from hiq.model import ModelLoadError, resolve_model_path
+
+    try:
+        resolved = resolve_model_path(path)
+    except ModelLoadError as err:
+        raise UserError(str(err)) from None
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return resolved  # a hub id: transformers resolves it (offline: from the cache)
+    try:
+        config = load_json(folder / "config.json")
+    except (ValueError, OSError) as err:
+        raise UserError(f"model path {path!r}: config.json is not readable JSON ({err}); write the folder with "
+                        f"save_pretrained") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"model path {path!r}: config.json has no model_type; it is not a transformers config")
+    if not any(next(folder.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise UserError(f"model path {path!r} holds config.json but no weights (model.safetensors or "
+                        f"pytorch_model.bin); save the model there with model.save_pretrained({path!r})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"model path {path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); save it "
+                        f"there too with tokenizer.save_pretrained({path!r})")
+    return resolved
+
+
+def model_context(resolved: str) -> int | None:
+    """``max_position_embeddings`` of a local model folder (None when unknown)."""
+    config = Path(resolved) / "config.json"
+    if config.is_file():
+        value = load_json(config).get("max_position_embeddings")
+        return int(value) if value else None
+    return None
+
+
+def check_writable(path: str | Path, what: str, directory: bool = True) -> None:
+    """``path`` can be created or written: its nearest existing ancestor is a writable directory (nothing is
+    created here). A file where a directory is wanted, or the reverse, is an error too."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if directory and not path.is_dir():
+            raise UserError(f"{what} {str(path)!r} is a file, not a directory; choose another path")
+        if not directory and path.is_dir():
+            raise UserError(f"{what} {str(path)!r} is a directory; give a file path (e.g. {path / 'result.json'})")
+    probe = path if (directory and path.exists()) else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {str(path)!r}: {str(probe)!r} is a file, so nothing can be created under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable ({str(probe)!r} does not allow this user to write); "
+                        f"choose a writable location")
+
+
+def check_calibration_text(tokens: int, nsamples: int, seqlen: int, dataset: str) -> None:
+    """The calibration text holds ``nsamples`` x ``seqlen`` tokens (fewer: windows would overlap and repeat)."""
+    if tokens <= seqlen + 1:
+        fit = max(tokens - 2, 0)
+        raise UserError(f"calibration text {dataset!r} has {tokens} tokens, too few for one window of "
+                        f"data.seqlen={seqlen}; give more text" + (f" or lower data.seqlen to at most {fit}" if fit
+                                                                      >= 2 else ""))
+    if tokens < nsamples * seqlen:
+        raise UserError(f"calibration text {dataset!r} has {tokens} tokens, fewer than data.nsamples x data.seqlen "
+                        f"= {nsamples} x {seqlen} = {nsamples * seqlen} (the windows would overlap and repeat); "
+                        f"lower data.nsamples to at most {max(tokens // seqlen, 1)} or data.seqlen to at most "
+                        f"{max(tokens // nsamples, 2)}, or give more text")
+
+
+def world_size_of(trainer: dict) -> int:
+    """Processes a ``Trainer(**trainer)`` would run (``devices`` x ``num_nodes``); 1 for ``auto`` on one device."""
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, list | tuple):
+        n = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()):
+        n = int(devices)
+        if n == -1:
+            n = _available_devices(trainer.get("accelerator")) or 1
+    else:  # "auto"
+        n = 1 if str(trainer.get("accelerator", "auto")) in ("cpu", "auto") else (
+            _available_devices(trainer.get("accelerator")) or 1)
+    return max(n, 1) * nodes
+
+
+def _available_devices(accelerator) -> int:
+    import torch
+
+    return torch.cuda.device_count() if str(accelerator) in ("cuda", "gpu", "auto") else (os.cpu_count() or 1)
+
+
+def check_trainer(trainer: dict) -> int:
+    """The accelerator exists and has the devices asked for; returns the number of processes."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    devices = trainer.get("devices", "auto")
+    if accelerator in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; use "
+                            f"--trainer.accelerator=cpu")
+        have = torch.cuda.device_count()
+        if isinstance(devices, int) and devices > have:
+            raise UserError(f"trainer.devices={devices} but this machine has {have} CUDA GPU(s); ask for at most "
+                            f"{have}")
+    if isinstance(devices, int) and devices == 0:
+        raise UserError("trainer.devices=0; give at least 1 (or auto)")
+    return world_size_of(trainer)
+
+
+def check_batches(batch_size: int, windows: int, world_size: int) -> None:
+    """The reconstruction batch splits evenly over the processes and fits into the windows each one gets."""
+    if batch_size % world_size:
+        raise UserError(f"reconstruction.batch_size={batch_size} is not divisible by the {world_size} processes "
+                        f"(trainer.devices x num_nodes); use a multiple of {world_size}")
+    if world_size > 1 and windows // world_size < batch_size // world_size:
+        raise UserError(f"reconstruction.batch_size={batch_size} over {world_size} processes needs "
+                        f"{batch_size // world_size} windows per process but each gets {windows // world_size} "
+                        f"of the {windows}; raise data.nsamples or lower reconstruction.batch_size")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder: one run per folder
+
+
+#: What a run folder's artifacts are computed from; another value of any of these is another run.
+MANIFEST = "run.json"
+#: Everything hiq writes into a run folder (``--overwrite`` removes exactly these).
+ARTIFACTS = ("run.json", "fisher.safetensors", "sensitivity", "ratios.json", "plots", "blocks", "model", "packed",
+             "compressed-tensors", "eval", "metrics.json")
+
+
+def run_manifest(model: str, recipe: dict, calibration: dict) -> dict:
+    return {"model": model, "recipe": recipe, "calibration": calibration}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def prepare_run_folder(root: str | Path, manifest: dict, overwrite: bool = False, write: bool = True) -> str:
+    """Claim ``root`` for the run ``manifest`` describes: a new folder or one holding this same run (resume) is
+    fine; one holding another run is refused, naming the differing keys, unless ``overwrite`` (then hiq's
+    artifacts in it are removed first). Returns ``new``, ``resume`` or ``overwritten``; writes ``run.json``."""
+    root = Path(root)
+    check_writable(root, "run directory (trainer.default_root_dir)")
+    path = root / MANIFEST
+    status = "new"
+    if path.is_file():
+        try:
+            old = load_json(path, sealed=True)
+            old = {k: old.get(k) for k in manifest}
+        except ValueError as err:
+            old = {"unreadable": str(err)}
+        diff = manifest_differences(old, manifest)
+        if not diff:
+            if write:
+                remove_leftovers(root)
+            return "resume"
+        if not overwrite:
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise UserError(f"run directory {str(root)!r} holds another run ({shown}); choose another directory "
+                            f"(--trainer.default_root_dir) or replace that run with --overwrite=true")
+        status = "overwritten"
+    elif overwrite or any((root / name).exists() for name in ARTIFACTS[1:]):
+        status = "overwritten" if overwrite else "adopted"
+    if status == "overwritten" and write:
+        for name in ARTIFACTS:
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if write:
+        remove_leftovers(root)
+        save_json(path, manifest, sealed=True)
+    return status
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Temporary files and directories a killed run left (``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``: every
+    artifact is written beside its place, then renamed); removed before a run resumes in ``root``."""
+    found = [p for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*", "*/.*.old-*") for p in root.glob(pattern)]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
