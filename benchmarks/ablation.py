@@ -97,9 +97,9 @@ def run_setting(setting: str, out: Path, extra: dict) -> dict[str, dict]:
                        "output": rtn_json})}
     for name, label, options in FIT_ROWS:
         run = base / name
-        if name != "ours" and not (run / "fisher.pt").exists():  # share Fisher and M of the "ours" row
+        if name != "ours" and not (run / "fisher.safetensors").exists():  # share Fisher and M of the "ours" row
             run.mkdir(parents=True, exist_ok=True)
-            shutil.copy(base / "ours" / "fisher.pt", run / "fisher.pt")
+            shutil.copy(base / "ours" / "fisher.safetensors", run / "fisher.safetensors")
             if options.get("sensitivity.enabled", True) and (base / "ours" / "sensitivity").is_dir():
                 shutil.copytree(base / "ours" / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
         row = {**options, "export.enabled": False, **extra}

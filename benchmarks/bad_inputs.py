@@ -45,10 +45,16 @@ def cases(work: Path) -> list[tuple[str, list[str]]]:
     (work / "bad.yaml").write_text("quant: {bits: 2\n")
     (work / "a-file").write_text("x")
     other = work / "other-run"
-    if not (other / "run.json").exists():
-        from hiq.checks import prepare_run_folder, run_manifest
+    if not (other / "run.json").exists():  # the same config but 20 steps per block
+        from dataclasses import asdict
 
-        prepare_run_folder(other, run_manifest("tiny-llama", {"quant": {"bits": 3}}, {"nsamples": 8}))
+        from hiq.checks import prepare_run_folder, run_manifest
+        from hiq.recipe import CalibrationOptions, Recipe
+
+        recipe = Recipe.from_dict({k: CONFIG[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
+        recipe.reconstruction.iterations = 20
+        prepare_run_folder(other, run_manifest("tiny-llama", recipe.run_dict(), asdict(CalibrationOptions(
+            **CONFIG["data"]))))
     fit = ["fit", "--config", str(work / "config.yaml")]
     run = f"--trainer.default_root_dir={work / 'run'}"
     ev = ["eval", "--model.path=tiny-llama", "--evaluation.max_windows=2"]

@@ -27,9 +27,9 @@ from ablation import as_command, parse_options  # noqa: E402  (benchmarks/ is no
 
 def run_budget(config: str, budget: float, out: Path, first: Path | None, options: dict) -> dict:
     run = out / f"{budget:.3f}"
-    if first is not None and first != run and not (run / "fisher.pt").exists():
+    if first is not None and first != run and not (run / "fisher.safetensors").exists():
         run.mkdir(parents=True, exist_ok=True)
-        shutil.copy(first / "fisher.pt", run / "fisher.pt")
+        shutil.copy(first / "fisher.safetensors", run / "fisher.safetensors")
         if (first / "sensitivity").is_dir():
             shutil.copytree(first / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
     row = {"ratios.target_avg_bits": budget, "export.enabled": False, "plots.enabled": False, **options}

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                "--export.enabled=false", *args.extra]
         if not (run_dir / "metrics.json").is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(base / "fisher.pt", run_dir / "fisher.pt")
+            shutil.copy(base / "fisher.safetensors", run_dir / "fisher.safetensors")
             shutil.copytree(base / "sensitivity", run_dir / "sensitivity", dirs_exist_ok=True)
             _hiq(cmd, out / f"{row_name(r)}.log", env)
         m = json.loads((run_dir / "metrics.json").read_text())

@@ -117,9 +117,12 @@ _CLAIMED: set[tuple[str, str]] = set()
 
 
 def claim_run_folder(root, model_name: str, recipe: Recipe, calibration: CalibrationOptions,
-                     overwrite: bool = False) -> str:
-    """One run per folder (:func:`hiq.checks.prepare_run_folder`); DDP children only check, the launcher writes."""
+                     overwrite: bool = False, check_only: bool = False) -> str:
+    """One run per folder (:func:`hiq.checks.prepare_run_folder`); DDP children only check, the launcher writes.
+    ``check_only``: raise if the folder holds another run (and no ``overwrite``), change nothing."""
     manifest = run_manifest(model_name, recipe.run_dict(), asdict(calibration))
+    if check_only:
+        return prepare_run_folder(root, manifest, overwrite, write=False)
     claim = (str(Path(root).resolve()), json.dumps(manifest, sort_keys=True))
     if claim in _CLAIMED:  # hiq fit claimed it while validating, before the model loaded
         return "claimed"

@@ -18,6 +18,7 @@ A YAML file with ``--config``; ``--print_config`` shows the merged config.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -111,9 +112,10 @@ def validate_fit_config(cfg) -> dict:
     data = CalibrationData(**{k: v for k, v in _section_dict(cfg.data).items() if k != "tokenizer_path"},
                            tokenizer_path=cfg.model.path)
     _check_windows(recipe, data.options.nsamples, world_size)
-    context = model_context(resolved)
-    windows = data.windows(max_context=context)
-    claim_run_folder(cfg.trainer.default_root_dir, cfg.model.path, recipe, data.options, bool(cfg.get("overwrite")))
+    claim = (cfg.trainer.default_root_dir, cfg.model.path, recipe, data.options, bool(cfg.get("overwrite")))
+    claim_run_folder(*claim, check_only=True)  # the cheap check first; run.json is written once all passed
+    windows = data.windows(max_context=model_context(resolved))
+    claim_run_folder(*claim)
     return {"windows": windows, "options": data.options}
 
 
@@ -144,7 +146,7 @@ def _launcher() -> bool:
 def user_error(cmd: str, err: BaseException) -> int:
     """Print a user's mistake as one line (once per run: DDP children stay silent); exit code 2."""
     if _launcher():
-        message = str(err).strip() or type(err).__name__
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
         print(f"hiq {cmd}: error: {message}", file=sys.stderr)
     return 2
 
@@ -169,6 +171,8 @@ def fit_main(argv: list[str]) -> int:
 
     sections = _fit_classes()
     prepared: dict = {}
+    # "Seed set to 0" on every run (the seed is in the saved config and metrics.json's recipe)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
     class HiQCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -276,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(cmd, f"{err} (hiq {cmd} --help lists the options)")
     except USER_ERRORS as err:
         return user_error(cmd, err)
+    except FloatingPointError as err:  # the model or the fit went non-finite: said once, exit 1, no traceback
+        if _launcher():
+            print(f"hiq {cmd}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

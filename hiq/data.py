@@ -24,6 +24,7 @@ Names a user can give (``dataset`` in configs):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -86,6 +87,20 @@ def _strip_compression(path: Path) -> str:
     return name
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No "Generating data split" progress bars for local files (reading them takes a moment, not minutes)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def _load_local_files(paths: list[Path]) -> list[str]:
     import datasets
 
@@ -107,11 +122,13 @@ def _load_local_files(paths: list[Path]) -> list[str]:
         raise DataError(f"dataset files {[str(p) for p in paths]} mix text and json; give one kind")
     files = [str(p) for p in paths]
     if kinds == {"json"}:
-        ds = datasets.load_dataset("json", data_files={"data": files}, split="data")
+        with quiet_datasets():
+            ds = datasets.load_dataset("json", data_files={"data": files}, split="data")
         if "text" not in ds.column_names:
             raise DataError(f"json dataset {files} has no 'text' field (fields: {ds.column_names})")
     else:
-        ds = datasets.load_dataset("text", data_files={"data": files}, split="data", sample_by="document")
+        with quiet_datasets():
+            ds = datasets.load_dataset("text", data_files={"data": files}, split="data", sample_by="document")
     return list(ds["text"])
 
 
@@ -127,9 +144,10 @@ def load_text(name: str, split: str = "test") -> TextSet:
         if name == "wikitext2":
             import datasets
 
-            ds = datasets.load_dataset(
-                "text", data_files={split: str(path)}, split=split, keep_linebreaks=True
-            )
+            with quiet_datasets():
+                ds = datasets.load_dataset(
+                    "text", data_files={split: str(path)}, split=split, keep_linebreaks=True
+                )
             # The HF "wikitext" rows: each line with its "\n", blank lines as "", as the hub dataset stores them.
             rows = tuple(r if r.strip() else "" for r in ds["text"])
             note = "official <unk> tokens variant (raw train not bundled)" if split == "train" else ""
