@@ -101,16 +101,17 @@ def world_size_of(trainer: dict) -> int:
         n = int(devices)
         if n == -1:
             n = _available_devices(trainer.get("accelerator")) or 1
-    else:  # "auto"
-        n = 1 if str(trainer.get("accelerator", "auto")) in ("cpu", "auto") else (
-            _available_devices(trainer.get("accelerator")) or 1)
+    else:  # "auto": every visible GPU (Lightning's choice), one process on a CPU
+        n = 1 if str(trainer.get("accelerator") or "auto") == "cpu" else _available_devices("cuda")
     return max(n, 1) * nodes
 
 
 def _available_devices(accelerator) -> int:
     import torch
 
-    return torch.cuda.device_count() if str(accelerator) in ("cuda", "gpu", "auto") else (os.cpu_count() or 1)
+    if str(accelerator) in ("cuda", "gpu", "auto"):
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return os.cpu_count() or 1
 
 
 def check_trainer(trainer: dict) -> int:
