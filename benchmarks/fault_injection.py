@@ -6,8 +6,9 @@ result is the uninterrupted run's: the quality fields of ``metrics.json`` and ev
 
 The run is the bundled tiny model with a reduced recipe (fewer iterations and windows) so one run takes under a
 minute; every stage runs (Fisher, M, HiGHS ratios, reconstruction, export of both formats, evaluation). Kill
-times are stratified over the reference run's wall time (one uniformly random point in each of N equal slices,
-seeded), so every stage gets hit.
+times are stratified over the reference run's stages (from its "[hiq] run directory" line, printed once the input
+checks have passed, to its end: one uniformly random point in each of N equal slices, seeded), so every stage gets
+hit.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ import yaml
 CONFIG = {
     "model": {"path": "tiny-llama"},
     "quant": {"bits": 2, "bits_high": 3},
-    "data": {"dataset": "wikitext2", "split": "train", "nsamples": 8, "seqlen": 128, "seed": 0},
+    "data": {"dataset": "wikitext2", "split": "train", "nsamples": 8, "seqlen": 64, "seed": 0},
     "trainer": {"accelerator": "cpu"},
     "sensitivity": {"nsamples": 2, "fidelity_assignments": 0},
-    "ratios": {"candidates": [0.02, 0.05, 0.1, 0.15, 0.2], "target_avg_bits": 2.1, "mode": "optimal"},
+    "ratios": {"candidates": [0.05, 0.2], "target_avg_bits": 2.1, "mode": "optimal"},
     "reconstruction": {"iterations": 40, "batch_size": 4},
     "export": {"enabled": True, "formats": ["packed", "dequantized"]},
-    "evaluation": {"datasets": ["wikitext2"], "seqlen": 128, "max_windows": 16, "tasks": None},
+    "evaluation": {"datasets": ["wikitext2"], "seqlen": 64, "max_windows": 16, "tasks": None},
     "plots": {"enabled": False},
 }
+#: Lines printed when a stage ends: a kill right after one lands at the start of the next stage.
+MARKERS = ("[hiq] Fisher:", "[hiq] M:", "[hiq] ratios", "[hiq] reconstruction:", "exported packed",
+           "exported dequantized")
 QUALITY = ("setting", "avg_bits", "avg_bits_storage", "wikitext2_ppl", "weights_key", "model_fingerprint")
 
 
@@ -92,6 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10, help="kill points")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markers", nargs="*", default=list(MARKERS),
+                    help="also kill as soon as each of these lines shows in the log (one kill per marker)")
     ap.add_argument("--out", type=Path, default=None, help="markdown table to write")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = ap.parse_args()
@@ -104,28 +110,38 @@ def main() -> None:
     ref = work / "reference"
     shutil.rmtree(ref, ignore_errors=True)
     proc = fit(config, ref, work / "reference.log")
-    if proc.wait() != 0:
+    start = None  # when the checks have passed and the stages begin (the log's "[hiq] run directory" line)
+    while proc.poll() is None:
+        if start is None and "[hiq] run directory" in (work / "reference.log").read_text(errors="replace"):
+            start = time.time() - t0
+        time.sleep(0.1)
+    if proc.returncode != 0:
         sys.exit(f"reference run failed; see {work / 'reference.log'}")
     total = time.time() - t0
+    start = start or 0.0
     ref_quality, ref_files = summary(ref)
-    print(f"reference run: {total:.1f}s, wikitext2 ppl {ref_quality['wikitext2_ppl']:.4f}, {len(ref_files)} files",
-          flush=True)
+    print(f"reference run: {total:.1f}s (stages from {start:.1f}s), wikitext2 ppl "
+          f"{ref_quality['wikitext2_ppl']:.4f}, {len(ref_files)} files", flush=True)
 
     rng = random.Random(args.seed)
     rows, same = [], 0
-    for i in range(args.n):
-        when = (i + rng.random()) / args.n * total * 0.97
+    points = [("time", start + (i + rng.random()) / args.n * (total - start) * 0.98) for i in range(args.n)]
+    points += [("marker", m) for m in args.markers]
+    for i, (kind, point) in enumerate(points):
         run, log = work / f"kill_{i:02d}", work / f"kill_{i:02d}.log"
         shutil.rmtree(run, ignore_errors=True)
+        t_start = time.time()
         proc = fit(config, run, log)
-        try:
-            proc.wait(timeout=when)
-            killed = False  # finished before the kill point
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed = True
-        stage = stage_at_kill(log) if killed else "finished first"
+        killed = False
+        while proc.poll() is None:  # kill at the time, or as soon as the marker line is in the log
+            if (time.time() - t_start >= point) if kind == "time" else (point in log.read_text(errors="replace")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed = True
+                break
+            time.sleep(0.05)
+        when = time.time() - t_start
+        stage = (stage_at_kill(log) if kind == "time" else f"right after `{point}`") if killed else "finished first"
         t1 = time.time()
         rerun = fit(config, run, work / f"kill_{i:02d}.rerun.log")
         rc = rerun.wait()
@@ -143,12 +159,14 @@ def main() -> None:
         print(f"kill {i}: at {when:.1f}s during {stage}: metrics {rows[-1][4]}, files {rows[-1][5]}", flush=True)
 
     lines = [f"Fault injection: `python benchmarks/fault_injection.py --n {args.n} --seed {args.seed}` "
-             f"(reference run {total:.0f}s; SIGKILL to the whole process group, then a rerun in the same folder)",
+             f"(+ {len(args.markers)} kills right after stage lines) "
+             f"(reference run {total:.0f}s, stages from {start:.0f}s; SIGKILL to the whole process group, then a rerun "
+             "in the same folder)",
              "",
              "| # | kill at (s) | stage at kill | rerun | metrics.json quality | model/ + packed/ bytes | same |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.1f} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} |" for r in rows]
-    lines += ["", f"**{same} of {args.n}** reruns gave the uninterrupted run's metrics and bytes."]
+    lines += ["", f"**{same} of {len(points)}** reruns gave the uninterrupted run's metrics and bytes."]
     emit(lines, args.out)
 
 

@@ -428,8 +428,8 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     if not paths:
         raise FileNotFoundError(f"{run.root / 'blocks'} holds no block_XX.safetensors; the run did not reconstruct "
                                 f"any block")
-    fp_model, tokenizer = load_model_and_tokenizer(source, "float32")
-    fingerprint = model_fingerprint(fp_model)
+    fp_model, tokenizer = load_model_and_tokenizer(source, metrics.get("model_dtype", "float32"))
+    fingerprint = model_fingerprint(fp_model)  # of the weights in the dtype the run loaded them in
     if metrics.get("model_fingerprint") not in (None, fingerprint):
         raise ValueError(f"the model at {source} is not the one the run quantized (weights fingerprint {fingerprint} "
                          f"!= {metrics['model_fingerprint']} in {run.metrics}); pass the run's model "

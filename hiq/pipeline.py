@@ -655,6 +655,7 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
     metrics["recipe_key"] = job.recipe.key()
     metrics["calibration"] = job.calibration_key()
     metrics["model_fingerprint"] = job.model_fingerprint
+    metrics["model_dtype"] = str(next(job.model.parameters()).dtype).removeprefix("torch.")
     metrics["weights_key"] = job.weights_key()
     metrics["run_dir"] = str(job.rt.run.root)
     if job.state.model_dir is not None:
