@@ -50,11 +50,12 @@ def damage(path: Path, how: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def notice(log: str) -> str:
-    """The rerun's line about the damage (or the first error line)."""
-    for line in log.splitlines():
+def notice(log: str, run: Path) -> str:
+    """The rerun's line about the damage (or the first error line), without progress bars or the run's path."""
+    for line in log.replace("\r", "\n").splitlines():
         if any(w in line for w in ("damaged", "cannot be reused", "another model", "error:")):
-            return line.replace("|", "/").strip()[:150]
+            line = line[line.index("[hiq]"):] if "[hiq]" in line else line
+            return line.replace(f"{run}/", "").replace(str(run), "RUN").replace("|", "/").strip()[:150]
     return "(no notice)"
 
 
@@ -103,7 +104,7 @@ def main() -> None:
             if rc == 0:
                 quality, files = summary(run)
                 same = "yes" if (quality == ref_quality and files == ref_files) else "NO"
-            rows.append((kind, how, rc, f"{secs:.0f}", notice(log), same))
+            rows.append((kind, how, rc, f"{secs:.0f}", notice(log, run), same))
             print(rows[-1], flush=True)
 
     # the model changed in place at the same path: every stage recomputed, a new fingerprint, another result
@@ -118,14 +119,14 @@ def main() -> None:
     rc, secs, log = rerun(config, run, work / "model-changed.log")
     quality = summary(run)[0] if rc == 0 else {}
     changed = quality.get("model_fingerprint") != ref_quality["model_fingerprint"]
-    rows.append(("model changed in place", "down_proj x1.5", rc, f"{secs:.0f}", notice(log),
+    rows.append(("model changed in place", "down_proj x1.5", rc, f"{secs:.0f}", notice(log, run),
                  f"recomputed: fingerprint {'new' if changed else 'SAME'}, ppl {ref_quality['wikitext2_ppl']:.2f} -> "
                  f"{quality.get('wikitext2_ppl', float('nan')):.2f}"))
     print(rows[-1], flush=True)
 
     # another recipe in the same folder: refused, then replaced with --overwrite
     rc, secs, log = rerun(config, run, work / "config-changed.log", "--reconstruction.iterations=20")
-    rows.append(("config changed, same folder", "iterations 40 -> 20", rc, f"{secs:.0f}", notice(log),
+    rows.append(("config changed, same folder", "iterations 40 -> 20", rc, f"{secs:.0f}", notice(log, run),
                  "refused, folder untouched" if rc == 2 else "NOT refused"))
     rc, secs, log = rerun(config, run, work / "config-overwrite.log", "--reconstruction.iterations=20",
                           "--overwrite=true")
