@@ -171,8 +171,11 @@ def fit_main(argv: list[str]) -> int:
 
     sections = _fit_classes()
     prepared: dict = {}
-    # "Seed set to 0" on every run (the seed is in the saved config and metrics.json's recipe)
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    # Lightning's per-run info lines ("Seed set to 0", "GPU available: False", "TPU available", a logging-service
+    # tip) and the tensorboardX notice of its default CSV logger say nothing about this run; hiq prints its own
+    for name in ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*`tensorboardX` has been removed as a dependency.*")
 
     class HiQCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
