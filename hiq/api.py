@@ -11,7 +11,6 @@ benchmarks call these.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ from hiq.checks import (
     check_model_dir,
     check_trainer,
     check_writable,
+    launcher,
     prepare_run_folder,
     run_manifest,
 )
@@ -126,10 +126,10 @@ def claim_run_folder(root, model_name: str, recipe: Recipe, calibration: Calibra
     claim = (str(Path(root).resolve()), json.dumps(manifest, sort_keys=True))
     if claim in _CLAIMED:  # hiq fit claimed it while validating, before the model loaded
         return "claimed"
-    launcher = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    status = prepare_run_folder(root, manifest, overwrite, write=launcher)
+    writes = launcher()
+    status = prepare_run_folder(root, manifest, overwrite, write=writes)
     _CLAIMED.add(claim)
-    if launcher and status != "new":
+    if writes and status != "new":
         print(f"[hiq] run directory {root}: " + {
             "resume": "same run found; finished stages are reused after their checks",
             "overwritten": "another run's artifacts removed (--overwrite)",

@@ -62,7 +62,7 @@ def save_json(path: str | Path, payload: Any, sealed: bool = False) -> None:
     """JSON, atomically. ``sealed``: the dict also carries ``checksum`` (sha256 of its canonical form), checked by
     :func:`load_json` ``(sealed=True)`` so an edited or damaged file is never reused."""
     if sealed:
-        payload = {**{k: v for k, v in payload.items() if k != "checksum"}}
+        payload = {k: v for k, v in payload.items() if k != "checksum"}
         payload["checksum"] = hashlib.sha256(_canonical(payload)).hexdigest()
     atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode())
 

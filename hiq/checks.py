@@ -19,6 +19,11 @@ class UserError(ValueError):
     """A mistake in what the user asked for (a value, a path); the message says which and how to fix it."""
 
 
+def launcher() -> bool:
+    """This process is the one the user started (not a DDP child that re-runs the command line)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
@@ -148,7 +153,8 @@ def check_batches(batch_size: int, windows: int, world_size: int) -> None:
 # The run folder: one run per folder
 
 
-#: What a run folder's artifacts are computed from; another value of any of these is another run.
+#: The run folder's manifest: the model, recipe and calibration its artifacts come from (another value of any
+#: of these is another run).
 MANIFEST = "run.json"
 #: Everything hiq writes into a run folder (``--overwrite`` removes exactly these).
 ARTIFACTS = ("run.json", "fisher.safetensors", "sensitivity", "ratios.json", "plots", "blocks", "model", "packed",
@@ -178,7 +184,8 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
 def prepare_run_folder(root: str | Path, manifest: dict, overwrite: bool = False, write: bool = True) -> str:
     """Claim ``root`` for the run ``manifest`` describes: a new folder or one holding this same run (resume) is
     fine; one holding another run is refused, naming the differing keys, unless ``overwrite`` (then hiq's
-    artifacts in it are removed first). Returns ``new``, ``resume`` or ``overwritten``; writes ``run.json``."""
+    artifacts in it are removed first). Returns ``new``, ``resume``, ``overwritten`` or ``adopted`` (artifacts but
+    no ``run.json``: each is reused only if its key and checksum match); writes ``run.json`` when ``write``."""
     root = Path(root)
     check_writable(root, "run directory (trainer.default_root_dir)")
     path = root / MANIFEST
@@ -199,7 +206,7 @@ def prepare_run_folder(root: str | Path, manifest: dict, overwrite: bool = False
             raise UserError(f"run directory {str(root)!r} holds another run ({shown}); choose another directory "
                             f"(--trainer.default_root_dir) or replace that run with --overwrite=true")
         status = "overwritten"
-    elif overwrite or any((root / name).exists() for name in ARTIFACTS[1:]):
+    elif any((root / name).exists() for name in ARTIFACTS[1:]):
         status = "overwritten" if overwrite else "adopted"
     if status == "overwritten" and write:
         for name in ARTIFACTS:

@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+from hiq.checks import launcher
 from hiq.version import __version__
 
 #: ``hiq fit``'s config sections besides model/data/trainer: section -> dataclass (in :mod:`hiq.recipe`).
@@ -86,10 +87,9 @@ def _wandb_into_run_dir(trainer_cfg, run_dir: str) -> None:
                 os.environ.setdefault(var, str(Path(run_dir) / "wandb"))
 
 
-def _section(cfg, cls):
-    """The dataclass ``cls`` from a parsed config section (its ``__post_init__`` validates it)."""
-    values = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg or {})
-    return cls(**values)
+def _section_dict(cfg) -> dict:
+    """A parsed config section (jsonargparse Namespace or dict) as a plain dict."""
+    return cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg or {})
 
 
 def validate_fit_config(cfg) -> dict:
@@ -103,11 +103,11 @@ def validate_fit_config(cfg) -> dict:
     from hiq.modules import CalibrationData
     from hiq.perplexity import check_evaluation
 
-    sections = {name: _section(cfg.get(name), cls) for name, cls in FIT_CLASSES.items()}
+    sections = {name: cls(**_section_dict(cfg.get(name))) for name, cls in _fit_classes().items()}
     recipe = R.Recipe(**{k: sections[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
     evaluation = sections["evaluation"]
     check_evaluation(evaluation)
-    world_size = check_trainer(cfg.trainer.as_dict() if hasattr(cfg.trainer, "as_dict") else dict(cfg.trainer))
+    world_size = check_trainer(_section_dict(cfg.trainer))
     resolved = check_model_dir(cfg.model.path)
     data = CalibrationData(**{k: v for k, v in _section_dict(cfg.data).items() if k != "tokenizer_path"},
                            tokenizer_path=cfg.model.path)
@@ -119,33 +119,20 @@ def validate_fit_config(cfg) -> dict:
     return {"windows": windows, "options": data.options}
 
 
-def _section_dict(cfg) -> dict:
-    return cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg or {})
-
-
-#: ``hiq fit``'s recipe/output sections and their dataclasses.
-FIT_CLASSES: dict = {}
-
-
 def _fit_classes() -> dict:
+    """``hiq fit``'s recipe/output sections and their dataclasses (:mod:`hiq.recipe`), in FIT_SECTIONS order."""
     import hiq.recipe as R
 
-    if not FIT_CLASSES:
-        FIT_CLASSES.update({"quant": R.QuantOptions, "ratios": R.RatioOptions, "sensitivity": R.SensitivityOptions,
-                            "reconstruction": R.ReconstructionOptions, "export": R.ExportOptions,
-                            "evaluation": R.EvaluationOptions, "plots": R.PlotOptions})
-    assert tuple(FIT_CLASSES) == FIT_SECTIONS
-    return FIT_CLASSES
-
-
-def _launcher() -> bool:
-    """This process is the one the user started (not a DDP child that re-runs the command line)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    classes = {"quant": R.QuantOptions, "ratios": R.RatioOptions, "sensitivity": R.SensitivityOptions,
+               "reconstruction": R.ReconstructionOptions, "export": R.ExportOptions,
+               "evaluation": R.EvaluationOptions, "plots": R.PlotOptions}
+    assert tuple(classes) == FIT_SECTIONS
+    return classes
 
 
 def user_error(cmd: str, err: BaseException) -> int:
     """Print a user's mistake as one line (once per run: DDP children stay silent); exit code 2."""
-    if _launcher():
+    if launcher():
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
         print(f"hiq {cmd}: error: {message}", file=sys.stderr)
     return 2
@@ -196,7 +183,7 @@ def fit_main(argv: list[str]) -> int:
             prepared.update(validate_fit_config(cfg))  # before the model loads
             os.environ["HIQ_RUN_DIR"] = run_dir
             _wandb_into_run_dir(cfg.trainer, run_dir)
-            if _launcher():
+            if launcher():
                 print(f"[hiq] run directory: {run_dir}", file=sys.stderr)
 
     # DDP children re-run this process's command line (``hiq fit ...``) and arrive here again
@@ -284,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         return user_error(cmd, err)
     except FloatingPointError as err:  # the model or the fit went non-finite: said once, exit 1, no traceback
-        if _launcher():
+        if launcher():
             print(f"hiq {cmd}: stopped: {err}", file=sys.stderr)
         return 1
 
