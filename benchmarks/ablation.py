@@ -12,12 +12,13 @@ Rows per setting (W2 per-channel, W3 per-channel, W2 g64 by default):
 
 Every row is one call of the Python API (``hiq.api.FitConfig.run`` / ``hiq.evaluate``), printed under the table as
 the equivalent ``hiq`` command; its run directory under ``--out`` is its cache, so a rerun only computes what is
-missing (a run resumes by itself). Fisher scores
-and M are computed once per setting by the "ours" row and copied into the other rows' run directories, so
-those rows reuse them; the time column adds the stage times a row depends on (Fisher, and M only where
+missing (a run resumes by itself). Fisher scores and M are computed once per setting by the "ours" row (or, with
+``--rows``, the first chosen row that measures M) and copied into the other rows' run directories, so those rows
+reuse them; the time column adds the stage times a row depends on (Fisher, and M only where
 the ratios come from the MILP), measured where they were computed, plus reconstruction and evaluation.
 
     python benchmarks/ablation.py [--settings w2 w3 w2-g64] [--out runs/ablation]     # or: make ablation
+    python benchmarks/ablation.py --settings w3 --rows rtn sr sr-uniform sr-optimal   # the signround rows only
 """
 
 from __future__ import annotations
@@ -78,30 +79,29 @@ def as_command(*head: str, options: dict) -> str:
     return " ".join(["hiq", *head, *(f"--{k}={fmt(v)}" for k, v in options.items())])
 
 
-def run_setting(setting: str, out: Path, extra: dict) -> dict[str, dict]:
+def _measures_m(options: dict) -> bool:
+    return options.get("sensitivity.enabled", True)
+
+
+def run_setting(setting: str, out: Path, extra: dict, chosen: list[str] | None = None) -> dict[str, dict]:
+    """Every row of one setting (or the ``chosen`` ones), computed where its run directory has no result."""
     config = f"configs/tiny/{setting}.yaml"
     cfg = yaml.safe_load(Path(config).read_text())
     bits, group = cfg["quant"]["bits"], cfg["quant"]["group_size"]
     base = out / setting
     rows: dict[str, dict] = {}
-    rtn_json = base / "rtn.json"
-    rtn = hiq.RTNOptions(bits=bits, group_size=group, avg_bits_convention="weights_only")
-    if not rtn_json.is_file():
-        print(f"== {setting}: RTN", file=sys.stderr, flush=True)
-        hiq.evaluate("tiny-llama", evaluation=hiq.EvaluationOptions(batch_size=4), quant=rtn, output=rtn_json)
-    r = json.loads(rtn_json.read_text())
-    rows["rtn"] = {"label": "RTN", "avg_bits": r["avg_bits"], "wikitext2_ppl": r["wikitext2_ppl"],
-                   "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"],
-                   "command": as_command("eval", "--config", "configs/tiny/rtn-w2.yaml", options={
-                       "quant.bits": bits, "quant.group_size": group, "quant.avg_bits_convention": "weights_only",
-                       "output": rtn_json})}
-    for name, label, options in FIT_ROWS:
+    if chosen is None or "rtn" in chosen:
+        rows["rtn"] = _rtn_row(setting, base / "rtn.json", bits, group)
+    fit_rows = [row for row in FIT_ROWS if chosen is None or row[0] in chosen]
+    fit_rows.sort(key=lambda row: not _measures_m(row[2]))  # Fisher and M from the first row that measures M
+    source = base / fit_rows[0][0] if fit_rows else None
+    for name, label, options in fit_rows:
         run = base / name
-        if name != "ours" and not (run / "fisher.safetensors").exists():  # share Fisher and M of the "ours" row
+        if run != source and not (run / "fisher.safetensors").exists():  # share Fisher and M of the source row
             run.mkdir(parents=True, exist_ok=True)
-            shutil.copy(base / "ours" / "fisher.safetensors", run / "fisher.safetensors")
-            if options.get("sensitivity.enabled", True) and (base / "ours" / "sensitivity").is_dir():
-                shutil.copytree(base / "ours" / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
+            shutil.copy(source / "fisher.safetensors", run / "fisher.safetensors")
+            if _measures_m(options) and (source / "sensitivity").is_dir():
+                shutil.copytree(source / "sensitivity", run / "sensitivity", dirs_exist_ok=True)
         row = {**options, "export.enabled": False, **extra}
         cmd = as_command("fit", "--config", config, f"--trainer.default_root_dir={run}", options=row)
         if not (run / "metrics.json").is_file():
@@ -116,29 +116,44 @@ def run_setting(setting: str, out: Path, extra: dict) -> dict[str, dict]:
     return rows
 
 
+def _rtn_row(setting: str, rtn_json: Path, bits: int, group: int | None) -> dict:
+    rtn = hiq.RTNOptions(bits=bits, group_size=group, avg_bits_convention="weights_only")
+    if not rtn_json.is_file():
+        print(f"== {setting}: RTN", file=sys.stderr, flush=True)
+        hiq.evaluate("tiny-llama", evaluation=hiq.EvaluationOptions(batch_size=4), quant=rtn, output=rtn_json)
+    r = json.loads(rtn_json.read_text())
+    return {"label": "RTN", "avg_bits": r["avg_bits"], "wikitext2_ppl": r["wikitext2_ppl"],
+            "c4_ppl": r["c4_ppl"], "seconds": r["wall_time_s"],
+            "command": as_command("eval", "--config", "configs/tiny/rtn-w2.yaml", options={
+                "quant.bits": bits, "quant.group_size": group, "quant.avg_bits_convention": "weights_only",
+                "output": rtn_json})}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["w2", "w3", "w2-g64"],
                    help="configs/tiny/<setting>.yaml to ablate")
     p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--rows", nargs="+", default=None, choices=ORDER, help="only these rows (default: all)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="options passed to every hiq fit (e.g. --reconstruction.iterations=100)")
     args = p.parse_args(argv)
     out = Path(args.out)
     tables = {}
     for setting in args.settings:
-        tables[setting] = run_setting(setting, out, parse_options(args.extra))
+        tables[setting] = run_setting(setting, out, parse_options(args.extra), args.rows)
         (out / setting / "table.json").write_text(json.dumps(tables[setting], indent=2) + "\n")
     for setting, rows in tables.items():
         print(f"\n**{setting}** (configs/tiny/{setting}.yaml)\n")
         print("| method | avg bits | WikiText-2 ppl | C4-sample ppl | time s |")
         print("|---|---|---|---|---|")
-        for name in ORDER:
+        order = [name for name in ORDER if name in rows]
+        for name in order:
             r = rows[name]
             print(f"| {r['label']} | {r['avg_bits']:.3f} | {r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | "
                   f"{r['seconds']:.0f} |")
         print()
-        for name in ORDER:
+        for name in order:
             print(f"- {rows[name]['label']}: `{rows[name]['command']}`")
     return 0
 

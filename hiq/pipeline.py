@@ -299,7 +299,7 @@ def sensitivity_stage(job: Job) -> None:
             results[b] = saved
         elif b % rt.world_size == rt.rank:
             block_scores = job.layout.block_part(scores, job.model, b)
-            res = measure_block(step.block, step.fp_inputs, block_scores, settings, rt.device)
+            res = measure_block(step.block, step.fp_inputs, block_scores, settings, rt.device, method=opts.method)
             if opts.fidelity_assignments > 0:
                 res["fidelity"] = quadratic_fidelity(step.block, step.fp_inputs, block_scores, settings,
                                                      res["matrix"], opts.fidelity_assignments,

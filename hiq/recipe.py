@@ -124,15 +124,21 @@ class SensitivityOptions:
         fidelity_assignments: random per-layer assignments per block used to check how well δᵀMδ/2 predicts
             the measured block loss (Spearman rank correlation); 0 disables the check.
         fidelity_seed: seed of those assignments.
+        method: ``gram`` (default): the cross-layer terms from the output changes of the single perturbations,
+            35 block evaluations per LLaMA block at K=5; ``pairs``: one evaluation per pair, the paper's
+            definition, 560 (:mod:`hiq.sensitivity`).
         enabled: measure M (off: only the ``uniform`` and ``fixed`` ratio modes can run).
     """
 
     nsamples: int = 16
     fidelity_assignments: int = 50
     fidelity_seed: int = 0
+    method: str = "gram"
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        if self.method not in ("gram", "pairs"):
+            raise ValueError(f"sensitivity.method={self.method!r}; choose gram (default) or pairs")
         if self.nsamples < 1:
             raise ValueError(f"sensitivity.nsamples={self.nsamples} must be at least 1")
         if self.fidelity_assignments < 0:

@@ -97,6 +97,7 @@ sensitivity:
   nsamples: {m_nsamples}                  # calibration windows per M evaluation (cost grows with it)
   fidelity_assignments: {fidelity}      # random assignments per block to check δᵀMδ/2 against the measured loss
   fidelity_seed: 0
+  method: gram                 # gram: 35 block evaluations per block, cross terms from output changes | pairs: 560
   enabled: true                # off only for ratios.mode uniform/fixed
 plots:
   enabled: true                # Figure 1/2 analogs in <run dir>/plots

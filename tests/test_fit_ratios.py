@@ -42,7 +42,8 @@ def test_fit_writes_every_artifact_and_resumes(tmp_path):
     blocks = sorted((run / "sensitivity").glob("block_*.safetensors"))
     assert len(blocks) == 8
     m0 = load_tensors(blocks[0])
-    assert m0["matrix"].shape == (14, 14) and m0["evaluations"] == 14 + 21 * 4
+    assert m0["matrix"].shape == (14, 14) and m0["evaluations"] == 14  # gram: the single perturbations only
+    assert m0["method"] == "gram"
     assert "spearman" in m0["fidelity"]
     assert (run / "plots" / "fisher_channels.png").stat().st_size > 0
     assert (run / "plots" / "ratios_by_layer.png").stat().st_size > 0

@@ -207,6 +207,7 @@ def _small(tmp_path, **sections) -> str:
     (["--data.dataset=/no/such.txt"], "dataset file '/no/such.txt' does not exist"),
     (["--data.seqlen=5000"], "exceeds the model's context"),
     (["--data.nsamples=0"], "data.nsamples=0 must be at least 1"),
+    (["--sensitivity.method=triples"], "sensitivity.method='triples'; choose gram (default) or pairs"),
 ])
 def test_fit_mistakes_are_one_line(tmp_path, capsys, extra, message):
     run = tmp_path / "run"

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from hiq.model import block_linears, capture_block_inputs, find_blocks
+from hiq.model import block_linears, capture_block_inputs, find_blocks, run_block
 from hiq.quant.grid import QuantSpec, fake_quant_rtn
 from hiq.quant.mixed import high_impact_count, mixed_fake_quant, split_columns
 from hiq.sensitivity import BlockLoss, SensitivitySettings, measure_block, quadratic_fidelity
@@ -48,7 +48,7 @@ def test_m_entries_follow_eq_7_and_8_and_weights_are_restored(block0):
     block, inputs, scores = block0
     settings = SensitivitySettings(candidates=(0.05, 0.2), bits_low=2, bits_high=3)
     before = [lin.weight.clone() for _, lin in block_linears(block)]
-    res = measure_block(block, inputs, scores, settings)
+    res = measure_block(block, inputs, scores, settings, method="pairs")
     m, k, n_layers = res["matrix"], 2, 7
     assert res["evaluations"] == n_layers * k + 21 * k * k
     assert torch.equal(m, m.T)
@@ -78,3 +78,50 @@ def test_quadratic_model_fidelity_is_reported(block0):
     res = measure_block(block, inputs, scores, settings)
     fid = quadratic_fidelity(block, inputs, scores, settings, res["matrix"], n_assignments=12, seed=0)
     assert len(fid["predicted"]) == 12 and -1.0 <= fid["spearman"] <= 1.0
+
+
+def test_gram_m_has_the_measured_diagonal_and_output_change_inner_products_off_it(block0):
+    block, inputs, scores = block0
+    settings = SensitivitySettings(candidates=(0.05, 0.2), bits_low=2, bits_high=3)
+    before = [lin.weight.clone() for _, lin in block_linears(block)]
+    gram = measure_block(block, inputs, scores, settings, method="gram")
+    pairs = measure_block(block, inputs, scores, settings, method="pairs")
+    m, k = gram["matrix"], 2
+    assert gram["evaluations"] == 7 * k and gram["method"] == "gram"
+    assert all(torch.equal(b, lin.weight) for b, (_, lin) in zip(before, block_linears(block), strict=True))
+    assert torch.equal(m, m.T)
+    # the diagonal is the same measured single loss as the pairs method's
+    torch.testing.assert_close(gram["single_losses"], pairs["single_losses"], rtol=1e-5, atol=0.0)
+    assert torch.equal(torch.diagonal(m), 2 * gram["single_losses"].flatten())
+    # two candidates of one layer: never together, so 0 (as with pairs)
+    assert m[0, 1] == 0 and m[12, 13] == 0
+    # one cross-layer entry by hand: 2 <D1, D2> / N with D = change of the block's output
+    lins = [lin for _, lin in block_linears(block)]
+    names = [n for n, _ in block_linears(block)]
+    w1 = mixed_fake_quant(lins[0].weight, scores[names[0]], 0.2, 3, 2)
+    w2 = mixed_fake_quant(lins[6].weight, scores[names[6]], 0.05, 3, 2)
+
+    def change(lin, w):
+        total = []
+        for i, h in enumerate(inputs.hidden):
+            ref = run_block(block, h, inputs.kwargs_for(i), None)
+            saved = lin.weight.data
+            lin.weight.data = w
+            try:
+                total.append((run_block(block, h, inputs.kwargs_for(i), None) - ref).flatten())
+            finally:
+                lin.weight.data = saved
+        return torch.cat(total).double()
+
+    with torch.no_grad():
+        expected = 2 * float(change(lins[0], w1) @ change(lins[6], w2)) / 2  # 2 samples
+    assert m[0 * k + 1, 6 * k + 0].item() == pytest.approx(expected, rel=1e-4)
+    # gram and pairs agree on the cross terms' sign and size where they are large
+    big = pairs["matrix"].abs() > pairs["matrix"].abs().max() * 0.05
+    assert (torch.sign(m[big]) == torch.sign(pairs["matrix"][big])).float().mean() > 0.5
+
+
+def test_unknown_sensitivity_method_is_refused(block0):
+    block, inputs, scores = block0
+    with pytest.raises(ValueError, match="sensitivity method 'triples'; choose one of gram, pairs"):
+        measure_block(block, inputs, scores, SensitivitySettings(), method="triples")
