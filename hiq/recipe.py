@@ -172,7 +172,8 @@ class ReconstructionOptions:
         lr_schedule: ``linear`` (default: every learning rate decays linearly to 0) or ``constant`` (the paper).
         keep_best: restore the parameters of the step with the lowest reconstruction loss at the end of each
             block's fit (AutoRound does; it ignores AdaRound's regulariser).
-        gradient_clip_val: gradient norm clipping of the block fit (null = off).
+        gradient_clip_val: gradient norm clipping of the block fit (null = off); not applied to SignRound's signed
+            steps, whose update sees only each gradient's sign, which clipping never changes.
         log_every_n_steps: logging interval of the block fits.
         seed: seed of the sample order.
         enabled: run the stage (off: the model stays in full precision).

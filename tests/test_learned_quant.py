@@ -193,3 +193,18 @@ def test_signround_cannot_share_an_optimizer_with_adam_parts():
         ("adaround", "lwc", "constant", False)
     with pytest.raises(ValueError, match="reconstruction preset 'best'"):
         hiq.ReconstructionOptions.preset("best")
+
+
+def test_block_fits_clip_adam_gradients_but_not_signed_steps(tmp_path):
+    import types
+
+    import hiq
+    from hiq.blockfit import inner_trainer
+
+    rt = types.SimpleNamespace(device=torch.device("cpu"), is_global_zero=False, logger=None,
+                               run=types.SimpleNamespace(root=tmp_path))
+    signed = inner_trainer(rt, hiq.ReconstructionOptions.preset("signround", iterations=5), "b")
+    paper = inner_trainer(rt, hiq.ReconstructionOptions.preset("paper", iterations=5), "b")
+    # a signed step sees only each gradient's sign: scaling by the clipping factor cannot change it
+    assert signed.gradient_clip_val is None
+    assert paper.gradient_clip_val == 1.0
