@@ -61,11 +61,16 @@ def quiet_lightning():
 
 
 @torch.no_grad()
-def reconstruction_loss(block, inputs: BlockInputs, targets: list[torch.Tensor], device) -> tuple[float, int]:
-    """(sum over tokens of the hidden-summed squared error, token count) on this rank's samples."""
+def reconstruction_loss(block, inputs: BlockInputs, targets: list[torch.Tensor], device,
+                        outputs: list[torch.Tensor] | None = None) -> tuple[float, int]:
+    """(sum over tokens of the hidden-summed squared error, token count) on this rank's samples; the block's outputs
+    are appended to ``outputs`` when it is given (as :func:`hiq.model.block_outputs` returns them)."""
     total, tokens = 0.0, 0
     for i, h in enumerate(inputs.hidden):
-        out = run_block(block, h, inputs.kwargs_for(i), device).float()
+        raw = run_block(block, h, inputs.kwargs_for(i), device)
+        if outputs is not None:
+            outputs.append(raw)
+        out = raw.float()
         total += (out - targets[i].float()).pow(2).sum().item()
         tokens += out.shape[0] * out.shape[1]
     return total, tokens

@@ -196,6 +196,8 @@ class BlockStep:
     fp_inputs: BlockInputs
     q_inputs: BlockInputs
     _targets: list[torch.Tensor] | None = None
+    #: the finished block's outputs on the quantized path, when the caller already computed them (else the loop does)
+    q_outputs: list[torch.Tensor] | None = None
 
     def targets(self, device) -> list[torch.Tensor]:
         """The full-precision block's outputs on the full-precision path (computed once, before any change)."""
@@ -231,7 +233,9 @@ class BlockLoop:
             if b + 1 < len(self.blocks):
                 fp_out = step.targets(device)  # the block's weights may have changed: reuse the targets
                 if self.quantized_path:
-                    self.q_inputs = self.q_inputs.with_hidden(block_outputs(block, self.q_inputs, device))
+                    q_out = step.q_outputs if step.q_outputs is not None else block_outputs(block, self.q_inputs,
+                                                                                             device)
+                    self.q_inputs = self.q_inputs.with_hidden(q_out)
                     self.fp_inputs = self.fp_inputs.with_hidden(fp_out)
                 else:
                     self.fp_inputs = self.q_inputs = self.fp_inputs.with_hidden(fp_out)
@@ -404,7 +408,9 @@ def reconstruction_stage(job: Job) -> None:
             layers, steps = fit_block(job, b, block, block_scores, block_ratios, step.q_inputs, targets,
                                       f"Block {b + 1}/{len(loop)}")
             install_records(block, job.layout, layers)
-            loss_final = reduce_loss(rt, reconstruction_loss(block, step.q_inputs, targets, rt.device))
+            step.q_outputs = []  # the final loss's forward pass gives the next block its quantized-path inputs
+            loss_final = reduce_loss(rt, reconstruction_loss(block, step.q_inputs, targets, rt.device,
+                                                             outputs=step.q_outputs))
             result = {"layers": layers, "key": key, "loss_rtn": loss_rtn, "loss_final": loss_final, "steps": steps,
                       "seconds": time.time() - t0}
             if rt.is_global_zero:
