@@ -8,9 +8,11 @@ M (paper Eq. 7-8) is measured with round-to-nearest deltas; the block is then re
    within ``--tolerance`` of ``--budget`` (the question is which assignment *at the same bits* is better);
 2. reconstructs the block for each (``hiq.blockfit.fit_block``, the run's recipe: signround, ``--iters`` steps of 8
    windows, on the full-precision inputs of the calibration windows) and measures its loss on held-out windows;
-3. predicts each assignment's loss three ways: δᵀMδ/2 with M from RTN deltas (what hiq uses), δᵀMδ/2 with M from
-   *learned* deltas (each layer at each candidate first fitted alone by SignRound on its own output error, then the
-   same Gram M), and the measured RTN block loss of the assignment;
+3. predicts each assignment's loss several ways: δᵀMδ/2 with M from RTN deltas as hiq measures it (``gram`` on
+   ``--m-windows`` windows), the same M by ``pairs``, ``gram`` on 4x the windows, δᵀMδ/2 with M from *learned*
+   deltas (each layer at each candidate first fitted alone by SignRound on its own output error, then the same Gram
+   M), and the measured RTN block loss of the assignment on the held-out windows (the best any RTN-based
+   quadratic model could do);
 4. prints the Spearman rank correlation of each prediction with the measured post-reconstruction loss.
 
     python benchmarks/m_after_reconstruction.py [--config configs/tiny/w2.yaml] [--blocks 1 6] \\
@@ -39,7 +41,7 @@ from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.layouts import layout_for
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, find_blocks, load_model_and_tokenizer
 from hiq.quant.hybrid import HybridLinear, dequantize_record
-from hiq.sensitivity import SensitivitySettings, _gram, quantized_candidates, swapped_weights
+from hiq.sensitivity import SensitivitySettings, _gram, measure_block, quantized_candidates, swapped_weights
 
 
 def layer_inputs(block, inputs, linears) -> dict:
@@ -130,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
              f"reconstructed with {args.iters} signround steps of 8 windows on {args.fit_windows} "
              f"full-precision-path windows, loss measured on {args.test_windows} other windows; M on "
              f"{args.m_windows} windows.", "",
-             "| block | Spearman: δᵀMδ/2, RTN deltas (hiq's M) | δᵀMδ/2, learned deltas | RTN block loss | "
-             "post-reconstruction loss range |", "|---|---|---|---|---|"]
+             "Spearman rank correlation of each prediction with the loss after reconstruction:", "",
+             f"| block | gram M, {args.m_windows} windows (hiq's default) | pairs M, {args.m_windows} windows | "
+             f"gram M, {4 * args.m_windows} windows | gram M of learned deltas | RTN block loss, measured | "
+             "post-reconstruction loss range |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['block']} | {r['rtn_m']:.3f} | {r['learned_m']:.3f} | {r['rtn_loss']:.3f} | "
+        lines.append(f"| {r['block']} | {r['gram']:.3f} | {r['pairs']:.3f} | {r['gram_more']:.3f} | "
+                     f"{r['learned']:.3f} | {r['rtn_loss']:.3f} | "
                      f"{min(r['measured']):.4g} .. {max(r['measured']):.4g} |")
     text = "\n".join(lines) + "\n"
     print(text)
@@ -151,6 +156,8 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
     m_inputs, fit_inputs, test_inputs = (_subset(inputs, fit_idx[: args.m_windows]), _subset(inputs, fit_idx),
                                          _subset(inputs, test_idx))
     m_rtn, _, _ = _gram(block, m_inputs, linears, rtn_weights, None, None)
+    m_pairs = measure_block(block, m_inputs, scores, settings, method="pairs")["matrix"]
+    m_more, _, _ = _gram(block, _subset(inputs, fit_idx[: 4 * args.m_windows]), linears, rtn_weights, None, None)
     xs = layer_inputs(block, m_inputs, linears)
     print(f"[block {b}] learned deltas for {len(linears)} x {k} (layer, ratio) pairs", file=sys.stderr, flush=True)
     learned = [[learned_weight(lin, xs[lin], scores[name], r, q, args.layer_steps) for r in settings.candidates]
@@ -168,15 +175,16 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
         return q.bits + (q.bits_high - q.bits) * sum(
             n * settings.candidates[m] for n, m in zip(sizes, choice, strict=True)) / sum(sizes)
 
-    pred_rtn, pred_learned, rtn_loss, measured = [], [], [], []
+    preds: dict[str, list[float]] = {"gram": [], "pairs": [], "gram_more": [], "learned": []}
+    rtn_loss, measured = [], []
     for a in range(args.assignments):
         choice = [rng.randrange(k) for _ in names]
         while abs(avg_bits(choice) - budget) > args.tolerance:
             choice = [rng.randrange(k) for _ in names]
         delta = torch.zeros(len(names) * k, dtype=torch.float64)
         delta[[i * k + m for i, m in enumerate(choice)]] = 1.0
-        pred_rtn.append(0.5 * float(delta @ m_rtn @ delta))
-        pred_learned.append(0.5 * float(delta @ m_learned @ delta))
+        for name, m in (("gram", m_rtn), ("pairs", m_pairs), ("gram_more", m_more), ("learned", m_learned)):
+            preds[name].append(0.5 * float(delta @ m @ delta))
         with swapped_weights({linears[i]: rtn_weights[i][m] for i, m in enumerate(choice)}):
             total, tokens = reconstruction_loss(block, test_inputs, test_targets, None)
         rtn_loss.append(total / tokens)
@@ -193,7 +201,7 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
     def rho(x):
         return float(spearman_corrcoef(torch.tensor(x), meas))
 
-    return {"block": b, "rtn_m": rho(pred_rtn), "learned_m": rho(pred_learned), "rtn_loss": rho(rtn_loss),
+    return {"block": b, **{name: rho(v) for name, v in preds.items()}, "rtn_loss": rho(rtn_loss),
             "measured": measured}
 
 
