@@ -36,12 +36,19 @@ from torchmetrics.functional import spearman_corrcoef
 
 import hiq
 from hiq.artifacts import load_tensors
-from hiq.blockfit import fit_block, install_records, reconstruction_loss
+from hiq.blockfit import SignSGD, fit_block, install_records, reconstruction_loss
 from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.layouts import layout_for
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, find_blocks, load_model_and_tokenizer
 from hiq.quant.hybrid import HybridLinear, dequantize_record
-from hiq.sensitivity import SensitivitySettings, _gram, measure_block, quantized_candidates, swapped_weights
+from hiq.sensitivity import (
+    SensitivitySettings,
+    assignment_vector,
+    gram_matrix,
+    measure_block,
+    quantized_candidates,
+    swapped_weights,
+)
 
 
 def layer_inputs(block, inputs, linears) -> dict:
@@ -61,19 +68,17 @@ def learned_weight(lin, x: torch.Tensor, scores, ratio: float, q, steps: int) ->
     """The weight SignRound finds for this layer alone at this ratio (lowest output error of ``steps`` signed steps)."""
     hybrid = HybridLinear(lin, scores, ratio, q.bits_high, q.bits, q.group_size, "signround", 4.0, "signround")
     params = list(hybrid.parameters())
+    optimizer = SignSGD(params, lr=1.0 / steps)
     ref = x @ lin.weight.detach().T
     best, best_state = float("inf"), None
     for step in range(steps):
-        lr = (1.0 / steps) * (1.0 - step / steps)
+        optimizer.param_groups[0]["lr"] = (1.0 / steps) * (1.0 - step / steps)  # linear decay to 0, as AutoRound
         loss = (x @ hybrid.quantized_weight().T - ref).pow(2).sum(-1).mean()
         if loss.item() < best:
             best, best_state = loss.item(), [p.detach().clone() for p in params]
-        for p in params:
-            p.grad = None
+        optimizer.zero_grad()
         loss.backward()
-        with torch.no_grad():
-            for p in params:
-                p.add_(torch.sign(p.grad), alpha=-lr)
+        optimizer.step()
         hybrid.project()
     with torch.no_grad():
         for p, saved in zip(params, best_state, strict=True):
@@ -155,14 +160,14 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
     test_idx = list(range(args.fit_windows, args.fit_windows + args.test_windows))
     m_inputs, fit_inputs, test_inputs = (_subset(inputs, fit_idx[: args.m_windows]), _subset(inputs, fit_idx),
                                          _subset(inputs, test_idx))
-    m_rtn, _, _ = _gram(block, m_inputs, linears, rtn_weights, None, None)
+    m_rtn, _, _ = gram_matrix(block, m_inputs, linears, rtn_weights)
     m_pairs = measure_block(block, m_inputs, scores, settings, method="pairs")["matrix"]
-    m_more, _, _ = _gram(block, _subset(inputs, fit_idx[: 4 * args.m_windows]), linears, rtn_weights, None, None)
+    m_more, _, _ = gram_matrix(block, _subset(inputs, fit_idx[: 4 * args.m_windows]), linears, rtn_weights)
     xs = layer_inputs(block, m_inputs, linears)
     print(f"[block {b}] learned deltas for {len(linears)} x {k} (layer, ratio) pairs", file=sys.stderr, flush=True)
     learned = [[learned_weight(lin, xs[lin], scores[name], r, q, args.layer_steps) for r in settings.candidates]
                for name, lin in zip(names, linears, strict=True)]
-    m_learned, _, _ = _gram(block, m_inputs, linears, learned, None, None)
+    m_learned, _, _ = gram_matrix(block, m_inputs, linears, learned)
     with torch.no_grad():
         fit_targets = block_outputs(block, fit_inputs)
         test_targets = block_outputs(block, test_inputs)
@@ -181,8 +186,7 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
         choice = [rng.randrange(k) for _ in names]
         while abs(avg_bits(choice) - budget) > args.tolerance:
             choice = [rng.randrange(k) for _ in names]
-        delta = torch.zeros(len(names) * k, dtype=torch.float64)
-        delta[[i * k + m for i, m in enumerate(choice)]] = 1.0
+        delta = assignment_vector(choice, k)
         for name, m in (("gram", m_rtn), ("pairs", m_pairs), ("gram_more", m_more), ("learned", m_learned)):
             preds[name].append(0.5 * float(delta @ m @ delta))
         with swapped_weights({linears[i]: rtn_weights[i][m] for i, m in enumerate(choice)}):

@@ -26,12 +26,12 @@ import numpy as np
 
 from hiq.api import FitConfig
 from hiq.artifacts import load_tensors
+from hiq.recipe import SENSITIVITY_METHODS as METHODS
+from hiq.sensitivity import assignment_vector
 from hiq.solver import LayerInfo, solve_ratios
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import as_command  # noqa: E402  (benchmarks/ is not a package)
-
-METHODS = ("gram", "pairs")
 
 
 def run_method(config: str, method: str, run: Path, fisher_from: Path | None, fidelity: int) -> dict:
@@ -54,8 +54,7 @@ def run_method(config: str, method: str, run: Path, fisher_from: Path | None, fi
 def quad(matrices: list[np.ndarray], choice: list[int], per_block: list[int], k: int) -> float:
     total, at = 0.0, 0
     for m, n in zip(matrices, per_block, strict=True):
-        delta = np.zeros(n * k)
-        delta[[i * k + c for i, c in enumerate(choice[at : at + n])]] = 1.0
+        delta = assignment_vector(choice[at : at + n], k).numpy()
         total += float(delta @ m @ delta)
         at += n
     return total

@@ -155,8 +155,7 @@ def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInput
         module = BlockReconstruction(
             block, [h for _, h in hybrids], to_device(kwargs, device), b, opts.lr_round, opts.weight_decay_round,
             opts.lr_lwc, opts.round_weight, lr_signround=opts.lr_signround or 1.0 / opts.iterations,
-            lr_schedule=opts.lr_schedule, keep_best=opts.keep_best, iterations=opts.iterations,
-            log_every_n_steps=min(opts.log_every_n_steps, opts.iterations))
+            lr_schedule=opts.lr_schedule, keep_best=opts.keep_best, iterations=opts.iterations)
         loader = torch.utils.data.DataLoader(
             PairDataset(inputs.hidden, targets), batch_size=opts.batch_size // rt.world_size, shuffle=True,
             drop_last=True, generator=torch.Generator().manual_seed(opts.seed + b))
@@ -210,9 +209,8 @@ class BlockReconstruction(L.LightningModule):
     def __init__(self, block: torch.nn.Module, hybrids: list, block_kwargs: dict, block_index: int,
                  lr_round: float = 1e-3, weight_decay_round: float = 1e-5, lr_lwc: float = 1e-2,
                  round_weight: float = 0.01, lr_signround: float = 5e-3, lr_schedule: str = "constant",
-                 keep_best: bool = False, iterations: int = 1, log_every_n_steps: int = 1):
+                 keep_best: bool = False, iterations: int = 1):
         super().__init__()
-        self.log_every_n_steps = max(1, log_every_n_steps)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         self.lr_signround, self.lr_schedule, self.keep_best, self.iterations = (lr_signround, lr_schedule,
@@ -313,7 +311,8 @@ class BlockReconstruction(L.LightningModule):
                 f"model's weights for inf/nan or lower lr_lwc / lr_round")
         if self.keep_best:
             self._remember_if_best(rec)
-        if (self.global_step + 1) % self.log_every_n_steps == 0:  # the steps the logger writes (self.log is not free)
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:  # only the steps the logger writes (self.log is not free)
             name = f"block_{self.block_index:02d}"
             self.log(f"{name}/rec_loss", rec.detach(), prog_bar=False)
             self.log(f"{name}/round_reg", reg.detach(), prog_bar=False)

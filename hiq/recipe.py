@@ -115,6 +115,10 @@ class RatioOptions:
         _positive("ratios.time_limit", self.time_limit)
 
 
+#: How M's cross terms are measured (:mod:`hiq.sensitivity`); the first is the default.
+SENSITIVITY_METHODS = ("gram", "pairs")
+
+
 @dataclass
 class SensitivityOptions:
     """How the matrix M is measured (paper Eq. 7-8).
@@ -137,7 +141,7 @@ class SensitivityOptions:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in ("gram", "pairs"):
+        if self.method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity.method={self.method!r}; choose gram (default) or pairs")
         if self.nsamples < 1:
             raise ValueError(f"sensitivity.nsamples={self.nsamples} must be at least 1")

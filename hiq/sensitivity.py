@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 
 from hiq.model import BlockInputs, block_linears, run_block
 from hiq.quant.mixed import mixed_fake_quant
+from hiq.recipe import SENSITIVITY_METHODS
 
 
 @dataclass(frozen=True)
@@ -110,26 +111,22 @@ def quantized_candidates(
     return names, linears, weights
 
 
-METHODS = ("gram", "pairs")
-
-
 def measure_block(
     block: nn.Module,
     inputs: BlockInputs,
     scores: dict[str, torch.Tensor],
     settings: SensitivitySettings,
     device: torch.device | str | None = None,
-    on_eval: Callable[[], None] | None = None,
     method: str = "gram",
 ) -> dict:
     """M for one block (float64, (L*K, L*K)) plus the single losses and cost figures (``method``: see the module
     docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"sensitivity method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in SENSITIVITY_METHODS:
+        raise ValueError(f"sensitivity method {method!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
     t0 = time.time()
     names, linears, weights = quantized_candidates(block, scores, settings)
     if method == "gram":
-        matrix, single, n_samples = _gram(block, inputs, linears, weights, device, on_eval)
+        matrix, single, n_samples = gram_matrix(block, inputs, linears, weights, device)
         return {"layers": names, "matrix": matrix, "single_losses": single, "settings": settings.to_dict(),
                 "method": method, "evaluations": single.numel(), "samples": n_samples,
                 "seconds": time.time() - t0}
@@ -138,8 +135,6 @@ def measure_block(
     single = torch.zeros(n_layers, k, dtype=torch.float64)
     for l_idx, m in itertools.product(range(n_layers), range(k)):
         single[l_idx, m] = loss({linears[l_idx]: weights[l_idx][m]})
-        if on_eval:
-            on_eval()
     size = n_layers * k
     matrix = torch.zeros(size, size, dtype=torch.float64)
     for l_idx, m in itertools.product(range(n_layers), range(k)):
@@ -150,8 +145,6 @@ def measure_block(
             value = pair - single[l1, m1] - single[l2, m2]
             matrix[l1 * k + m1, l2 * k + m2] = value
             matrix[l2 * k + m2, l1 * k + m1] = value
-            if on_eval:
-                on_eval()
     return {
         "layers": names,
         "matrix": matrix,
@@ -165,9 +158,10 @@ def measure_block(
 
 
 @torch.no_grad()
-def _gram(block: nn.Module, inputs: BlockInputs, linears: list[nn.Linear], weights: list[list[torch.Tensor]],
-          device, on_eval: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(M, single losses, samples) from the Gram matrix of the single perturbations' output changes.
+def gram_matrix(block: nn.Module, inputs: BlockInputs, linears: list[nn.Linear], weights: list[list[torch.Tensor]],
+                device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(M, single losses, samples) from the Gram matrix of the output changes of the single perturbations
+    ``weights[l][m]`` (layer ``linears[l]`` given that weight, the others unchanged).
 
     Window by window: the L*K output changes of one window are held at once (L*K times one block output), their
     inner products accumulated in float64, so memory does not grow with the number of windows.
@@ -189,15 +183,18 @@ def _gram(block: nn.Module, inputs: BlockInputs, linears: list[nn.Linear], weigh
         gram += (changes @ changes.T).double().cpu()
         n_samples += h.shape[0]
         del changes
-    if on_eval:
-        for _ in range(size):
-            on_eval()
     gram /= n_samples
-    single = gram.diagonal().clone().reshape(n_layers, k)
-    same_layer = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * n_layers)
-    matrix = torch.where(same_layer, 0.0, 2.0 * gram)  # two candidates of one layer are never chosen together
-    matrix.diagonal().copy_(2.0 * single.flatten())
-    return matrix, single, n_samples
+    # two candidates of one layer are never chosen together: those entries are 0 (the diagonal stays)
+    same_layer = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * n_layers) & ~torch.eye(size, dtype=bool)
+    matrix = torch.where(same_layer, 0.0, 2.0 * gram)
+    return matrix, gram.diagonal().clone().reshape(n_layers, k), n_samples
+
+
+def assignment_vector(choice: list[int], k: int) -> torch.Tensor:
+    """δ of one per-layer candidate choice (``choice[l]`` = candidate index of layer l): 1 at ``l * k + choice[l]``."""
+    delta = torch.zeros(len(choice) * k, dtype=torch.float64)
+    delta[[l_idx * k + m for l_idx, m in enumerate(choice)]] = 1.0
+    return delta
 
 
 def quadratic_fidelity(
@@ -224,8 +221,7 @@ def quadratic_fidelity(
     predicted, measured = [], []
     for _ in range(n_assignments):
         choice = [rng.randrange(k) for _ in range(n_layers)]
-        delta = torch.zeros(n_layers * k, dtype=torch.float64)
-        delta[[l_idx * k + m for l_idx, m in enumerate(choice)]] = 1.0
+        delta = assignment_vector(choice, k)
         predicted.append(0.5 * float(delta @ matrix @ delta))
         measured.append(loss({linears[i]: weights[i][m] for i, m in enumerate(choice)}))
     p, m = torch.tensor(predicted), torch.tensor(measured)
