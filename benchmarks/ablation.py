@@ -34,9 +34,11 @@ import yaml
 import hiq
 from hiq.api import FitConfig
 
-# the paper's quantizers as the README's paper-preset table ran them (400 Adam steps of 4 windows per block)
-PAPER = {"reconstruction.normal_quantizer": "lwc", "reconstruction.lr_schedule": "constant",
-         "reconstruction.keep_best": False, "reconstruction.iterations": 400, "reconstruction.batch_size": 4}
+# the paper's quantizers and candidate ratios as the README's paper-preset table ran them (400 Adam steps of 4
+# windows per block)
+PAPER = {"ratios.candidates": [0.02, 0.05, 0.10, 0.15, 0.20], "reconstruction.normal_quantizer": "lwc",
+         "reconstruction.lr_schedule": "constant", "reconstruction.keep_best": False,
+         "reconstruction.iterations": 400, "reconstruction.batch_size": 4}
 # the signround preset (learned rounding of every weight; AutoRound's 200 steps of 8 windows per block)
 SIGNROUND = {"reconstruction.high_quantizer": "signround", "reconstruction.normal_quantizer": "signround",
              "reconstruction.lr_schedule": "linear", "reconstruction.keep_best": True,
@@ -74,6 +76,8 @@ def parse_options(items: list[str]) -> dict:
 def as_command(*head: str, options: dict) -> str:
     """The ``hiq`` command line equivalent to an API call with these options."""
     def fmt(v):
+        if isinstance(v, (list, tuple)):  # one shell word: [0,0.02,0.05]
+            return "[" + ",".join(fmt(x) for x in v) + "]"
         return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
     return " ".join(["hiq", *head, *(f"--{k}={fmt(v)}" for k, v in options.items())])

@@ -37,6 +37,9 @@ def test_fit_config_parses(path, capsys):
     assert printed["ratios"]["target_avg_bits"] == raw["ratios"]["target_avg_bits"]
     assert printed["quant"] == raw["quant"] and printed["model"]["path"] == raw["model"]["path"]
     assert printed["reconstruction"]["iterations"] == raw["reconstruction"]["iterations"]
+    # the wider candidate set (README "Wider candidate ratios"): the paper's five, 0 and ratios up to the whole layer
+    candidates = [float(c) for c in printed["ratios"]["candidates"]]
+    assert candidates == sorted(candidates) and {0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 1.0} <= set(candidates)
     if "llama" in path.parent.name:
         assert printed["reconstruction"]["iterations"] == 5000 and printed["data"]["nsamples"] == 128
 
