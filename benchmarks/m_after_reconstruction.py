@@ -102,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--candidates", type=float, nargs="+", default=None,
+                   help="candidate ratios (default: the config's; the README's table: 0.02 0.05 0.1 0.15 0.2)")
     args = p.parse_args(argv)
 
     cfg = yaml.safe_load(Path(args.config).read_text())
+    if args.candidates:
+        cfg["ratios"]["candidates"] = args.candidates
     recipe = hiq.Recipe.from_dict({k: cfg[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
     q, cands = recipe.quant, recipe.ratios.candidates
     opts = hiq.ReconstructionOptions(**{**vars(recipe.reconstruction), "iterations": args.iters})

@@ -9,7 +9,7 @@ how many layers differ, and each solution's objective under the *pairs* M (the r
 it with nothing else on the machine for the seconds column to mean anything.
 
     python benchmarks/sensitivity_methods.py [--config configs/tiny/w2.yaml] [--out runs/mmethods/w2] \\
-        [--fidelity 50] [--budgets 2.02 2.05 2.1 2.15 2.2]
+        [--fidelity 50] [--budgets 2.02 2.05 2.1 2.15 2.2] [--candidates 0.02 0.05 0.1 0.15 0.2]
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import as_command  # noqa: E402  (benchmarks/ is not a package)
 
 
-def run_method(config: str, method: str, run: Path, fisher_from: Path | None, fidelity: int) -> dict:
+def run_method(config: str, method: str, run: Path, fisher_from: Path | None, fidelity: int,
+               candidates: list[float] | None = None) -> dict:
     if fisher_from is not None and not (run / "fisher.safetensors").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copy(fisher_from / "fisher.safetensors", run / "fisher.safetensors")
     row = {"sensitivity.method": method, "sensitivity.fidelity_assignments": fidelity,
            "reconstruction.enabled": False, "export.enabled": False, "evaluation.enabled": False,
-           "plots.enabled": False}
+           "plots.enabled": False, **({"ratios.candidates": candidates} if candidates else {})}
     cmd = as_command("fit", "--config", config, f"--trainer.default_root_dir={run}", options=row)
     print(f"== {cmd}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default runs/mmethods/<config name>")
     p.add_argument("--fidelity", type=int, default=50, help="random whole-block assignments per block")
     p.add_argument("--budgets", type=float, nargs="+", default=[2.02, 2.05, 2.10, 2.15, 2.20])
+    p.add_argument("--candidates", type=float, nargs="+", default=None,
+                   help="candidate ratios (default: the config's; the README's table: 0.02 0.05 0.1 0.15 0.2)")
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/mmethods/{Path(args.config).stem}")
     res, first = {}, None
     for method in METHODS:
-        res[method] = run_method(args.config, method, out / method, first, args.fidelity)
+        res[method] = run_method(args.config, method, out / method, first, args.fidelity, args.candidates)
         first = first or out / method
 
     layers = res["pairs"]["ratios"]["layers"]
