@@ -33,10 +33,11 @@ import yaml
 
 import hiq
 from hiq.api import FitConfig
+from hiq.recipe import PAPER_CANDIDATES
 
 # the paper's quantizers and candidate ratios as the README's paper-preset table ran them (400 Adam steps of 4
 # windows per block)
-PAPER = {"ratios.candidates": [0.02, 0.05, 0.10, 0.15, 0.20], "reconstruction.normal_quantizer": "lwc",
+PAPER = {"ratios.candidates": list(PAPER_CANDIDATES), "reconstruction.normal_quantizer": "lwc",
          "reconstruction.lr_schedule": "constant", "reconstruction.keep_best": False,
          "reconstruction.iterations": 400, "reconstruction.batch_size": 4}
 # the signround preset (learned rounding of every weight; AutoRound's 200 steps of 8 windows per block)

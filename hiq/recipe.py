@@ -84,12 +84,21 @@ class QuantOptions:
         return setting_label(self.bits, self.group_size, self.bits_high)
 
 
+#: The paper's candidate ratios B (Section 4.1).
+PAPER_CANDIDATES: tuple[float, ...] = (0.02, 0.05, 0.10, 0.15, 0.20)
+#: The default: the paper's plus 0 (the whole layer at b_N) and larger ratios up to 1 (the whole layer at b_H), so
+#: every budget from b_N to b_H is reachable and the MILP can give a layer none or all of the extra bit (README
+#: "Wider candidate ratios").
+DEFAULT_CANDIDATES: tuple[float, ...] = (0.0, *PAPER_CANDIDATES, 0.30, 0.50, 0.75, 1.00)
+
+
 @dataclass
 class RatioOptions:
     """The ratio allocation: candidate ratios, the average-bits budget and how the ratios are chosen.
 
     Args:
-        candidates: candidate high-impact ratios B (paper: 0.02, 0.05, 0.10, 0.15, 0.20).
+        candidates: candidate high-impact ratios B (default :data:`DEFAULT_CANDIDATES`; the paper's are
+            :data:`PAPER_CANDIDATES`, 0.02-0.20).
         target_avg_bits: budget in average weight bits over all block linears (scale/zero overhead not
             included, as the papers print it); must lie in the range the candidates can reach.
         mode: ``optimal`` (the MILP of Eq. 9), ``uniform`` (largest single ratio within the budget) or
@@ -99,7 +108,7 @@ class RatioOptions:
         mip_rel_gap: relative optimality gap at which HiGHS may stop (0 = prove optimality).
     """
 
-    candidates: tuple[float, ...] = (0.02, 0.05, 0.10, 0.15, 0.20)
+    candidates: tuple[float, ...] = DEFAULT_CANDIDATES
     target_avg_bits: float = 2.1
     mode: str = "optimal"
     fixed_ratio: float | None = None

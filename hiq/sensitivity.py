@@ -38,12 +38,12 @@ from torch import nn
 
 from hiq.model import BlockInputs, block_linears, run_block
 from hiq.quant.mixed import mixed_fake_quant
-from hiq.recipe import SENSITIVITY_METHODS
+from hiq.recipe import DEFAULT_CANDIDATES, SENSITIVITY_METHODS
 
 
 @dataclass(frozen=True)
 class SensitivitySettings:
-    candidates: tuple[float, ...] = (0.02, 0.05, 0.10, 0.15, 0.20)
+    candidates: tuple[float, ...] = DEFAULT_CANDIDATES
     bits_low: int = 2
     bits_high: int = 3
     group_size: int | None = None

@@ -76,7 +76,7 @@ quant:
   bits_high: {bh}                  # b_H: bits of the high-impact columns (paper: b_N + 1)
   group_size: {gs}             # null = one scale/zero per output row and part; else columns per group
 ratios:
-  candidates: [0, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50, 0.75, 1.00]  # candidate ratios B: the paper's
+  candidates: {candidates}  # candidate ratios B: the paper's
                                # 0.02-0.20 (Section 4.1) plus 0 (all at b_N) and larger ones up to 1 (the whole layer
                                # at b_H); README "Wider candidate ratios". The paper's: [0.02, 0.05, 0.10, 0.15, 0.20]
   target_avg_bits: {budget}          # budget: mean weight bits over the block linears, group overhead excluded
@@ -146,7 +146,7 @@ PRESET = "signround"
 
 
 def render(model: str, name: str) -> str:
-    from hiq.recipe import RECONSTRUCTION_PRESETS
+    from hiq.recipe import DEFAULT_CANDIDATES, RECONSTRUCTION_PRESETS
 
     bl, bh, gs, paper, budget = SETTINGS[name]
     m = MODELS[model]
@@ -159,10 +159,11 @@ def render(model: str, name: str) -> str:
     else:
         budget_note = f"paper Table avg bits {paper} incl. group overhead; see scripts/make_configs.py"
     label = f"W{bl}A16" + ("" if gs is None else f"g{gs}")
+    candidates = "[" + ", ".join("0" if c == 0 else f"{c:.2f}" for c in DEFAULT_CANDIDATES) + "]"
     return TEMPLATE.format(
         label=label, bl=bl, bh=bh, gs="null" if gs is None else gs,
         gs_text="per-channel" if gs is None else f"groups of {gs}", model=model, name=name,
-        budget=f"{budget:.2f}", budget_note=budget_note, **preset, **m)
+        budget=f"{budget:.2f}", budget_note=budget_note, candidates=candidates, **preset, **m)
 
 
 def main() -> int:
