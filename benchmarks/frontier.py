@@ -8,7 +8,12 @@ is one :meth:`hiq.api.FitConfig.run` (printed under the table as the equivalent 
 ``<out>/<budget>/``; a finished row is read back, not rerun.
 
     python benchmarks/frontier.py [--config configs/tiny/w2.yaml] [--budgets 2.02 2.05 2.1 2.15 2.2] \\
-        [--out runs/frontier/w2] [--extra --reconstruction.iterations=200 ...]
+        [--out runs/frontier/w2] [--compare "paper candidates=runs/frontier/w2"] [--peers runs/bench/w2] \\
+        [--extra --reconstruction.iterations=200 ...]
+
+``--compare LABEL=DIR`` draws another frontier (its ``frontier.json``) on the same axes; ``--peers DIR`` draws
+benchmarks/peer_table.py's AutoScheme rows of one setting (``DIR/autoround-scheme-<B>/``: bits from the grid check,
+perplexities from ``hiq eval``) and the uniform AutoRound rows there (``autoround``, ``autoround-fp32``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,27 @@ def run_budget(config: str, budget: float, out: Path, first: Path | None, option
             "run": str(run), "command": cmd}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> Path:
+def peer_points(bench: Path) -> dict[str, list[dict]]:
+    """AutoRound rows of one setting of benchmarks/peer_table.py's output: ``{label: [{avg_bits, ppl...}]}``."""
+    curves: dict[str, list[dict]] = {}
+    for d in sorted(bench.iterdir()):
+        if not ((d / "eval.json").is_file() and (d / "grid.json").is_file()):
+            continue
+        if d.name.startswith("autoround-scheme-") and "seed" not in d.name:
+            label = "AutoRound AutoScheme"
+        elif d.name in ("autoround", "autoround-fp32"):
+            label = {"autoround": "AutoRound (CPU default)", "autoround-fp32": "AutoRound fp32"}[d.name]
+        else:
+            continue
+        ev = json.loads((d / "eval.json").read_text())
+        grid = json.loads((d / "grid.json").read_text())  # mixed rows: bits per layer, weighted; uniform: peer.json
+        bits = grid["avg_bits"] if "avg_bits" in grid else json.loads((d / "peer.json").read_text())["bits"]
+        curves.setdefault(label, []).append({"avg_bits": bits, "wikitext2_ppl": ev.get("wikitext2_ppl"),
+                                             "c4_ppl": ev.get("c4_ppl")})
+    return {k: sorted(v, key=lambda r: r["avg_bits"]) for k, v in curves.items()}
+
+
+def plot(rows: list[dict], path: Path, title: str, others: dict[str, list[dict]] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,9 +77,11 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, name in ((axes[0], "wikitext2_ppl", "WikiText-2"), (axes[1], "c4_ppl", "C4-sample")):
-        pts = [(r["avg_bits"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="hiq")
-        ax.set_xlabel("average code bits (block linears)")
+        for label, curve in [("hiq", rows), *(others or {}).items()]:
+            pts = [(r["avg_bits"], r[key]) for r in curve if r.get(key) is not None]
+            style = "o-" if len(pts) > 1 else "s"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        ax.set_xlabel("average code bits (block linears; scale/zero excluded)")
         ax.set_ylabel(f"{name} perplexity")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -71,8 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny/w2.yaml")
     p.add_argument("--budgets", type=float, nargs="+", default=[2.02, 2.05, 2.10, 2.15, 2.20])
     p.add_argument("--out", default=None, help="default runs/frontier/<config name>")
+    p.add_argument("--compare", nargs="+", default=[], metavar="LABEL=DIR",
+                   help="other frontiers (benchmarks/frontier.py --out DIR) drawn on the same axes")
+    p.add_argument("--peers", type=Path, default=None,
+                   help="peer_table.py's folder of this setting (e.g. runs/bench/w2): its AutoRound rows drawn too")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="options for every run (--section.key=v)")
     args = p.parse_args(argv)
+    others: dict[str, list[dict]] = {}
+    for item in args.compare:
+        label, sep, where = item.partition("=")
+        if not sep or not (Path(where) / "frontier.json").is_file():
+            raise SystemExit(f"--compare {item!r}: expected LABEL=DIR with DIR/frontier.json")
+        others[f"hiq, {label}"] = json.loads((Path(where) / "frontier.json").read_text())
+    if args.peers is not None:
+        if not args.peers.is_dir():
+            raise SystemExit(f"--peers {args.peers}: not a directory (benchmarks/peer_table.py --out DIR/<setting>)")
+        others.update(peer_points(args.peers))
     out = Path(args.out or f"runs/frontier/{Path(args.config).stem}")
     options = parse_options(args.extra)
     rows, first = [], None
@@ -81,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         first = first or Path(rows[0]["run"])  # the first budget's run holds the Fisher scores and M
     rows.sort(key=lambda r: r["budget"])
     (out / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
-    png = plot(rows, out / "frontier.png", f"{args.config}: bits vs perplexity (one Fisher pass, one M)")
+    png = plot(rows, out / "frontier.png", f"{args.config}: bits vs perplexity (one Fisher pass, one M)", others)
     print(f"\n{args.config}, one Fisher pass and one M for every budget ({png})\n")
     print("| budget | setting | avg bits (codes) | storage | WikiText-2 ppl | C4-sample ppl | ratios + recon s |")
     print("|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from hiq.artifacts import load_tensors
@@ -30,3 +31,33 @@ def test_frontier_reuses_fisher_and_m_across_budgets(tmp_path, capsys, monkeypat
     assert torch.equal(load_tensors(out / "2.050" / "sensitivity" / "block_03.safetensors")["matrix"],
                        load_tensors(out / "2.200" / "sensitivity" / "block_03.safetensors")["matrix"])
     assert "--ratios.target_avg_bits=2.2" in table
+
+
+def test_frontier_draws_other_frontiers_and_autoround_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    frontier = load_benchmark("frontier")
+    out = tmp_path / "frontier"
+    out.mkdir()
+    row = {"budget": 2.1, "avg_bits": 2.1, "avg_bits_storage": 2.3, "wikitext2_ppl": 60.0, "c4_ppl": 250.0,
+           "setting": "W2/3 per-channel", "seconds": 1.0, "run": str(out / "2.100"), "command": "hiq fit ..."}
+    (out / "2.100").mkdir()
+    (out / "2.100" / "metrics.json").write_text(json.dumps({**row, "stage_seconds": {"ratios": 1.0}}))
+    other = tmp_path / "other"  # another frontier's output, e.g. the paper's candidate ratios
+    other.mkdir()
+    (other / "frontier.json").write_text(json.dumps([{**row, "wikitext2_ppl": 61.0}]))
+    bench = tmp_path / "bench"  # what benchmarks/peer_table.py leaves per row: grid check and hiq eval's scores
+    for name, bits, ppl in (("autoround-scheme-2.10", 2.096, 63.1), ("autoround-scheme-2.10-seed0", 2.096, 70.0),
+                            ("autoround-fp32", 2.0, 64.6), ("gptq", 2.0, 90.0)):
+        (bench / name).mkdir(parents=True)
+        mixed = name.startswith("autoround-scheme")  # uniform rows' grid check holds no avg bits: peer.json's bits
+        (bench / name / "grid.json").write_text(json.dumps({"avg_bits": bits} if mixed else {"max_levels": 4}))
+        (bench / name / "peer.json").write_text(json.dumps({"bits": 2}))
+        (bench / name / "eval.json").write_text(json.dumps({"wikitext2_ppl": ppl, "c4_ppl": 4 * ppl}))
+    curves = frontier.peer_points(bench)
+    assert set(curves) == {"AutoRound AutoScheme", "AutoRound fp32"}  # no seed repeats, no other tools
+    assert curves["AutoRound AutoScheme"] == [{"avg_bits": 2.096, "wikitext2_ppl": 63.1, "c4_ppl": 252.4}]
+    assert frontier.main(["--budgets", "2.1", "--out", str(out), "--compare", f"paper={other}", "--peers",
+                          str(bench)]) == 0  # the row is read back, nothing recomputed
+    assert (out / "frontier.png").stat().st_size > 0 and "| 2.100 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected LABEL=DIR"):
+        frontier.main(["--budgets", "2.1", "--out", str(out), "--compare", str(tmp_path)])
