@@ -49,17 +49,17 @@ def run_budget(config: str, budget: float, out: Path, first: Path | None, option
             "run": str(run), "command": cmd}
 
 
+#: peer_table.py's uniform AutoRound rows drawn by --peers (AutoScheme rows: autoround-scheme-<B>)
+UNIFORM_PEERS = {"autoround": "AutoRound (CPU default)", "autoround-fp32": "AutoRound fp32"}
+
+
 def peer_points(bench: Path) -> dict[str, list[dict]]:
     """AutoRound rows of one setting of benchmarks/peer_table.py's output: ``{label: [{avg_bits, ppl...}]}``."""
     curves: dict[str, list[dict]] = {}
     for d in sorted(bench.iterdir()):
-        if not ((d / "eval.json").is_file() and (d / "grid.json").is_file()):
-            continue
-        if d.name.startswith("autoround-scheme-") and "seed" not in d.name:
-            label = "AutoRound AutoScheme"
-        elif d.name in ("autoround", "autoround-fp32"):
-            label = {"autoround": "AutoRound (CPU default)", "autoround-fp32": "AutoRound fp32"}[d.name]
-        else:
+        scheme = d.name.startswith("autoround-scheme-") and "seed" not in d.name  # seed repeats left out
+        label = "AutoRound AutoScheme" if scheme else UNIFORM_PEERS.get(d.name)
+        if label is None or not ((d / "eval.json").is_file() and (d / "grid.json").is_file()):
             continue
         ev = json.loads((d / "eval.json").read_text())
         grid = json.loads((d / "grid.json").read_text())  # mixed rows: bits per layer, weighted; uniform: peer.json

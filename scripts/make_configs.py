@@ -78,7 +78,7 @@ quant:
 ratios:
   candidates: {candidates}  # candidate ratios B: the paper's
                                # 0.02-0.20 (Section 4.1) plus 0 (all at b_N) and larger ones up to 1 (the whole layer
-                               # at b_H); README "Wider candidate ratios". The paper's: [0.02, 0.05, 0.10, 0.15, 0.20]
+                               # at b_H); README "Wider candidate ratios". The paper's: {paper_candidates}
   target_avg_bits: {budget}          # budget: mean weight bits over the block linears, group overhead excluded
                                # ({budget_note})
   mode: optimal                # optimal (MILP of Eq. 9) | uniform | fixed (ablations)
@@ -145,8 +145,13 @@ evaluation:
 PRESET = "signround"
 
 
+def _listed(ratios: tuple[float, ...]) -> str:
+    """A YAML flow list of ratios as the configs print them: [0, 0.02, ...]."""
+    return "[" + ", ".join("0" if c == 0 else f"{c:.2f}" for c in ratios) + "]"
+
+
 def render(model: str, name: str) -> str:
-    from hiq.recipe import DEFAULT_CANDIDATES, RECONSTRUCTION_PRESETS
+    from hiq.recipe import DEFAULT_CANDIDATES, PAPER_CANDIDATES, RECONSTRUCTION_PRESETS
 
     bl, bh, gs, paper, budget = SETTINGS[name]
     m = MODELS[model]
@@ -159,11 +164,11 @@ def render(model: str, name: str) -> str:
     else:
         budget_note = f"paper Table avg bits {paper} incl. group overhead; see scripts/make_configs.py"
     label = f"W{bl}A16" + ("" if gs is None else f"g{gs}")
-    candidates = "[" + ", ".join("0" if c == 0 else f"{c:.2f}" for c in DEFAULT_CANDIDATES) + "]"
     return TEMPLATE.format(
         label=label, bl=bl, bh=bh, gs="null" if gs is None else gs,
         gs_text="per-channel" if gs is None else f"groups of {gs}", model=model, name=name,
-        budget=f"{budget:.2f}", budget_note=budget_note, candidates=candidates, **preset, **m)
+        budget=f"{budget:.2f}", budget_note=budget_note, candidates=_listed(DEFAULT_CANDIDATES),
+        paper_candidates=_listed(PAPER_CANDIDATES), **preset, **m)
 
 
 def main() -> int:
