@@ -3,10 +3,12 @@
     python benchmarks/cost_ratio.py --iters 200 --out benchmarks/results/cost_ratio.md
 
 Both quantize the bundled model at W2 per-channel on the same 128 x 512 calibration windows
-(``configs/tiny/w2.yaml``'s data section, written by ``benchmarks/peer_table.py``'s ``write_calibration``):
+(``configs/tiny/w2.yaml``'s data section, written once to ``calibration.pt`` by ``benchmarks/peer_table.py``'s
+``write_calibration``); both read that file, so neither side tokenises the calibration text in the timed run
+(``--hiq-tokenizes``: hiq draws the same windows from the text itself, about 18 s more on this machine):
 
-- hiq: ``hiq fit --config configs/tiny/w2.yaml --reconstruction.iterations=N`` with export, evaluation and plots
-  off: Fisher, M, HiGHS ratios and N steps per block (the config's 8 windows per step);
+- hiq: ``hiq fit --config configs/tiny/w2.yaml --data.dataset=calibration.pt --reconstruction.iterations=N`` with
+  export, evaluation and plots off: Fisher, M, HiGHS ratios and N steps per block (the config's 8 windows per step);
 - AutoRound (its venv, ``benchmarks/peer_tools/quantize.py --method autoround --amp off --iters N``): fp32,
   its default 8 windows per step.
 
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--peers-python", default=str(ROOT / ".venv-peers-autoround" / "bin" / "python"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--force", action="store_true", help="time even while other python processes run")
+    ap.add_argument("--hiq-tokenizes", action="store_true",
+                    help="hiq tokenises the calibration text and draws the windows itself (the same windows)")
     args = ap.parse_args()
     others = busy()
     if others and not args.force:
@@ -70,6 +74,7 @@ def main() -> None:
     calibration, info = write_calibration(work, cfg, model_path)
     hiq_cmd = [sys.executable, "-m", "hiq", "fit", "--config", str(config),
                f"--trainer.default_root_dir={work / 'hiq'}", f"--reconstruction.iterations={args.iters}",
+               *([] if args.hiq_tokenizes else [f"--data.dataset={calibration}"]),
                "--export.enabled=false", "--evaluation.enabled=false", "--plots.enabled=false"]
     ar_cmd = [args.peers_python, str(QUANTIZE), "--method", "autoround", "--bits", "2", "--group-size", "none",
               "--calibration", str(calibration), "--model", model_path, "--out", str(work / "autoround"),
@@ -78,6 +83,8 @@ def main() -> None:
     ar_s = timed(ar_cmd, work / "autoround.log")
     ratios = work / "hiq" / "ratios.json"
     stages = json.loads(ratios.read_text()) if ratios.is_file() else {}
+    parts = stage_seconds(work / "hiq")
+    startup = hiq_s - sum(parts.values())
     peer = json.loads((work / "autoround" / "peer.json").read_text())
     batch = cfg["reconstruction"].get("batch_size")
     lines = [f"Cost at equal steps per block: `python benchmarks/cost_ratio.py --iters {args.iters}` "
@@ -88,8 +95,24 @@ def main() -> None:
              f"| AutoRound {peer.get('version', '')} fp32 (load + tune + save) | {args.iters} | 8 | {ar_s:.1f} |",
              "", f"hiq / AutoRound = **{hiq_s / ar_s:.2f}x** (target <= 1.5x); AutoRound's own quantize time "
              f"(load to dequantised weights) {peer['seconds']:.1f} s; hiq's ratios: avg "
-             f"{stages.get('achieved_avg_bits', float('nan')):.4f} bits."]
+             f"{stages.get('achieved_avg_bits', float('nan')):.4f} bits.", "",
+             "hiq's stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+             + f"; the rest (imports, model load, {'tokenising, ' if args.hiq_tokenizes else ''}block inputs, "
+             f"writing) {startup:.1f}."]
     emit(lines, args.out)
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Seconds of hiq's stages as its artifacts record them (Fisher, M, ratio solve, block fits)."""
+    from hiq.artifacts import load_tensors
+
+    def total(folder: str) -> float:
+        return sum(float(load_tensors(p)["seconds"]) for p in sorted((run / folder).glob("block_*.safetensors")))
+
+    out = {"Fisher": float(load_tensors(run / "fisher.safetensors")["seconds"]), "M": total("sensitivity")}
+    out["ratios"] = float(json.loads((run / "ratios.json").read_text())["solve_time_s"])
+    out["reconstruction"] = total("blocks")
+    return out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ why: :mod:`hiq.pipeline`): each stage is a pass over calibration data, and block
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -82,12 +84,51 @@ class HiQPipeline(L.LightningModule):
         return None
 
 
+#: ``data.dataset`` ending in this is a file of ready-made token windows (:func:`load_windows_file`)
+WINDOWS_SUFFIX = ".pt"
+
+
+def load_windows_file(opts, vocab_size: int, max_context: int | None = None) -> torch.Tensor:
+    """The first ``data.nsamples`` rows of a ``torch.save``-d int64 ``(n, seqlen)`` tensor of token ids: calibrating
+    on exactly the windows another tool was given (``benchmarks/peer_table.py`` writes them). ``data.seed`` and
+    ``data.split`` do not apply; ``data.seqlen``, when set, must equal the file's window length."""
+    path = Path(opts.dataset).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.dataset={opts.dataset!r}: no such windows file (a torch.save-d int64 "
+                                f"(nsamples, seqlen) tensor of token ids)")
+    try:
+        windows = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle of something else, a truncated file, ...
+        raise ValueError(f"data.dataset={opts.dataset!r} could not be read as a tensor of token windows "
+                         f"({type(err).__name__}: {err})") from err
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        what = (f"a {tuple(windows.shape)} {windows.dtype} tensor" if isinstance(windows, torch.Tensor)
+                else type(windows).__name__)
+        raise ValueError(f"data.dataset={opts.dataset!r} holds {what}; expected an int64 (nsamples, seqlen) tensor")
+    n, length = windows.shape
+    if n < opts.nsamples:
+        raise ValueError(f"data.dataset={opts.dataset!r} holds {n} windows, fewer than data.nsamples="
+                         f"{opts.nsamples}; lower data.nsamples to at most {n}")
+    if opts.seqlen is not None and opts.seqlen != length:
+        raise ValueError(f"data.seqlen={opts.seqlen} but the windows in {opts.dataset!r} are {length} tokens long; "
+                         f"set data.seqlen to {length} or null")
+    if max_context is not None and length > max_context:
+        raise ValueError(f"the windows in {opts.dataset!r} are {length} tokens long, beyond the model's context "
+                         f"({max_context})")
+    if n and (int(windows.min()) < 0 or int(windows.max()) >= vocab_size):
+        raise ValueError(f"data.dataset={opts.dataset!r} holds token ids in [{int(windows.min())}, "
+                         f"{int(windows.max())}], outside the tokenizer's vocabulary of {vocab_size}; were the "
+                         f"windows made with another tokenizer?")
+    return windows[: opts.nsamples].contiguous()
+
+
 class CalibrationData(L.LightningDataModule):
     """Seeded random windows of a training split (GPTQ/OmniQuant sampling); see :class:`hiq.recipe.CalibrationOptions`.
 
     Args:
         dataset: ``wikitext2`` (bundled; its train split is the official <unk> tokens variant), ``c4``
-            (bundled sample, documents 1100-1999), a hub id or text/jsonl paths.
+            (bundled sample, documents 1100-1999), a hub id, text/jsonl paths, or a ``.pt`` file of ready-made
+            int64 ``(n, seqlen)`` token windows (the first ``nsamples`` are used; split and seed do not apply).
         split: split to draw from.
         nsamples: number of windows (paper: 128).
         seqlen: tokens per window; null = min(2048, the model's context).
@@ -122,6 +163,9 @@ class CalibrationData(L.LightningDataModule):
 
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.tokenizer_path))
             opts = self.options
+            if opts.dataset.endswith(WINDOWS_SUFFIX):
+                self._windows = load_windows_file(opts, len(tokenizer), max_context)
+                return self._windows
             seqlen = opts.seqlen or min(2048, max_context or 2048)
             if max_context is not None and seqlen > max_context:
                 raise ValueError(f"data.seqlen={seqlen} exceeds the model's context ({max_context})")

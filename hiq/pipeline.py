@@ -265,7 +265,7 @@ def fisher_stage(job: Job) -> None:
     job.model.to(rt.device)
     acc = FisherAccumulator(job.model, job.layout.linears_of(job.model))
     with tqdm(total=len(shard), desc="Fisher", unit="sample", disable=not rt.is_global_zero) as bar:
-        acc.accumulate(shard, rt.device, on_sample=bar.update)
+        acc.accumulate(shard, rt.device, on_sample=bar.update, batch_size=job.recipe.sensitivity.fisher_batch_size)
     if rt.world_size > 1:
         acc.reduce(rt.reduce_sum)
     scores = acc.scores()
@@ -291,7 +291,7 @@ def sensitivity_stage(job: Job) -> None:
     opts, rt, scores = job.recipe.sensitivity, job.rt, _need(job.state.fisher, "sensitivity", "fisher")
     q = job.recipe.quant
     settings = SensitivitySettings(job.recipe.ratios.candidates, q.bits, q.bits_high, q.group_size)
-    key = job.key("sensitivity", quant=asdict(q), candidates=list(settings.candidates), sensitivity=asdict(opts))
+    key = job.key("sensitivity", quant=asdict(q), candidates=list(settings.candidates), sensitivity=opts.fingerprint())
     loop = BlockLoop(job, job.windows[: opts.nsamples], quantized_path=False)
     results: list[dict | None] = [None] * len(loop)
     t_all = time.time()

@@ -141,6 +141,10 @@ class SensitivityOptions:
             35 block evaluations per LLaMA block at K=5; ``pairs``: one evaluation per pair, the paper's
             definition, 560 (:mod:`hiq.sensitivity`).
         enabled: measure M (off: only the ``uniform`` and ``fixed`` ratio modes can run).
+        fisher_batch_size: calibration windows per forward/backward of the Fisher pass that ranks the columns
+            (:mod:`hiq.impact`). The scores are the per-sample Fisher whatever its value (float rounding aside), so it
+            is not part of any artifact key; larger is faster and holds that many windows' activations for the
+            backward (1 for a 7B model at 2048 tokens on one GPU; 8 for the bundled model on a CPU).
     """
 
     nsamples: int = 16
@@ -148,6 +152,7 @@ class SensitivityOptions:
     fidelity_seed: int = 0
     method: str = "gram"
     enabled: bool = True
+    fisher_batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in SENSITIVITY_METHODS:
@@ -156,6 +161,12 @@ class SensitivityOptions:
             raise ValueError(f"sensitivity.nsamples={self.nsamples} must be at least 1")
         if self.fidelity_assignments < 0:
             raise ValueError(f"sensitivity.fidelity_assignments={self.fidelity_assignments} must be >= 0")
+        if self.fisher_batch_size < 1:
+            raise ValueError(f"sensitivity.fisher_batch_size={self.fisher_batch_size} must be at least 1")
+
+    def fingerprint(self) -> dict:
+        """The fields that change M (the Fisher pass's batch size changes only its speed)."""
+        return {k: v for k, v in asdict(self).items() if k != "fisher_batch_size"}
 
 
 @dataclass
@@ -306,9 +317,11 @@ class Recipe:
         return cls(**data)
 
     def run_dict(self) -> dict:
-        """What a run folder's ``run.json`` compares: the recipe without the logging cadence."""
+        """What a run folder's ``run.json`` compares: the recipe without the logging cadence and the Fisher pass's
+        batch size (neither changes the weights)."""
         out = self.to_dict()
         out["reconstruction"] = {k: v for k, v in out["reconstruction"].items() if k != "log_every_n_steps"}
+        out["sensitivity"] = {k: v for k, v in out["sensitivity"].items() if k != "fisher_batch_size"}
         return out
 
     def key(self) -> str:
@@ -322,7 +335,8 @@ class CalibrationOptions:
 
     Args:
         dataset: ``wikitext2`` (bundled; its train split is the official <unk> tokens variant), ``c4``
-            (bundled sample), a hub id or text/jsonl paths.
+            (bundled sample), a hub id, text/jsonl paths, or a ``.pt`` file of ready-made int64 ``(n, seqlen)``
+            token windows (the first ``nsamples`` are used; split and seed do not apply).
         split: split to draw from.
         nsamples: number of windows (paper: 128).
         seqlen: tokens per window; null = min(2048, the model's context).

@@ -88,3 +88,36 @@ def test_one_bos_at_the_start_only(tiny, wikitext_test_ids):
     tok = tiny[1]
     assert wikitext_test_ids[0].item() == tok.bos_token_id
     assert (wikitext_test_ids == tok.bos_token_id).sum().item() == 1
+
+
+def test_calibration_from_a_windows_file(tmp_path):
+    """data.dataset=<file>.pt: the first nsamples rows of ready-made windows (what the peers were given); every bad
+    file is refused with a message naming the value and the fix."""
+    from hiq.modules import CalibrationData
+
+    windows = torch.randint(0, 500, (6, 32), dtype=torch.long)
+    path = tmp_path / "calibration.pt"
+    torch.save(windows, path)
+
+    def load(**kw):
+        opts = {"dataset": str(path), "nsamples": 4, **kw}
+        return CalibrationData(**opts, tokenizer_path="tiny-llama").windows(tokenizer=list(range(1000)),
+                                                                             max_context=512)
+
+    assert torch.equal(load(), windows[:4]) and torch.equal(load(seqlen=32, nsamples=6), windows)
+    with pytest.raises(ValueError, match="holds 6 windows, fewer than data.nsamples=7; lower data.nsamples"):
+        load(nsamples=7)
+    with pytest.raises(ValueError, match="data.seqlen=16 but the windows .* are 32 tokens long; set data.seqlen"):
+        load(seqlen=16)
+    torch.save(torch.full((6, 32), 1000, dtype=torch.long), path)
+    with pytest.raises(ValueError, match=r"token ids in \[1000, 1000\], outside the tokenizer's vocabulary of 1000"):
+        load()
+    torch.save(windows.float(), path)
+    with pytest.raises(ValueError, match=r"holds a \(6, 32\) torch.float32 tensor; expected an int64"):
+        load()
+    path.write_bytes(b"not a tensor")
+    with pytest.raises(ValueError, match="could not be read as a tensor of token windows"):
+        load()
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="no such windows file"):
+        load()

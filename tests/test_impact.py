@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hiq.impact import FisherAccumulator, fisher_scores
@@ -46,3 +47,30 @@ def test_deterministic_and_sharded_sums_match_one_process(tiny_copy, wikitext_te
         acc.reduce(lambda t: total[0] + total[1])
     for name, score in ranks[0].scores().items():
         torch.testing.assert_close(score, one[name], rtol=1e-6, atol=0)
+
+
+def test_batched_pass_gives_the_per_sample_scores(tiny_copy, wikitext_test_ids):
+    """Several windows per forward/backward: the same per-sample Fisher (each sample's own gradient, squared), up
+    to float rounding; a window of another length starts its own batch."""
+    model, _ = tiny_copy
+    windows = _windows(wikitext_test_ids, n=5)
+    one = fisher_scores(model, windows)
+    for batch_size in (2, 5, 8):
+        batched = fisher_scores(model, windows, batch_size=batch_size)
+        for name, score in one.items():
+            torch.testing.assert_close(batched[name], score, rtol=1e-4, atol=0)
+    mixed = [*windows[:2], wikitext_test_ids[:30], windows[2]]
+    acc = FisherAccumulator(model)
+    calls = []
+    acc.accumulate(mixed, batch_size=4, on_sample=lambda: calls.append(1))
+    ref = FisherAccumulator(model)
+    ref.accumulate(mixed)
+    assert acc.samples == ref.samples == len(calls) == 4
+    for name in acc.sums:
+        torch.testing.assert_close(acc.sums[name], ref.sums[name], rtol=1e-4, atol=0)
+
+
+def test_batch_size_below_one_is_refused(tiny_copy, wikitext_test_ids):
+    model, _ = tiny_copy
+    with pytest.raises(ValueError, match="batch_size=0"):
+        FisherAccumulator(model).accumulate(_windows(wikitext_test_ids, n=1), batch_size=0)

@@ -238,7 +238,11 @@ def group_widths(n_columns: int, group_size: int | None) -> list[int]:
 
 
 def expand_groups(values: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """``(out, n_groups)`` per-group values -> ``(out, n_columns)`` (each value repeated over its group)."""
+    """``(out, n_groups)`` per-group values -> ``(out, n_columns)`` (each value repeated over its group). One group
+    per row gives a broadcast view (no copy: the per-step quantizer forward of a per-channel layer stays cheap), so
+    never write into the result."""
+    if len(widths) == 1:
+        return values.expand(-1, widths[0])
     if len(set(widths)) == 1:
         return values.repeat_interleave(widths[0], dim=1)
     return values.repeat_interleave(torch.tensor(widths, device=values.device), dim=1)

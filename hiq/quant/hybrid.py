@@ -67,6 +67,8 @@ class HybridLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight in original column order (float32)."""
+        if self.n_high == 0:  # perm is the identity: no concatenation or gather per step
+            return self.normal()
         return torch.cat([self.high(), self.normal()], dim=1)[:, self.inverse]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
