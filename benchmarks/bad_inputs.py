@@ -41,9 +41,13 @@ def cases(work: Path) -> list[tuple[str, list[str]]]:
                 f.unlink()
     (work / "empty.txt").write_text("")
     (work / "short.txt").write_text("Just a few words of calibration text.\n")
-    (work / "medium.txt").write_text("A sentence of calibration text that repeats. " * 60)
+    (work / "medium.txt").write_text("A sentence of calibration text that repeats. " * 30)  # < 8 x 64 tokens
     (work / "bad.yaml").write_text("quant: {bits: 2\n")
     (work / "a-file").write_text("x")
+    import torch
+
+    torch.save(torch.zeros(4, 64, dtype=torch.long), work / "few-windows.pt")  # the config: 8 windows of 64 tokens
+    torch.save(torch.full((8, 64), 10**6, dtype=torch.long), work / "foreign-windows.pt")
     other = work / "other-run"
     if not (other / "run.json").exists():  # the same config but 20 steps per block
         from dataclasses import asdict
@@ -75,6 +79,9 @@ def cases(work: Path) -> list[tuple[str, list[str]]]:
         ("calibration text shorter than seqlen", [*fit, run, f"--data.dataset={work / 'short.txt'}"]),
         ("calibration text < nsamples x seqlen", [*fit, run, f"--data.dataset={work / 'medium.txt'}"]),
         ("data.seqlen beyond the model's context", [*fit, run, "--data.seqlen=4096"]),
+        ("windows file missing", [*fit, run, f"--data.dataset={work / 'missing.pt'}"]),
+        ("windows file with fewer windows than nsamples", [*fit, run, f"--data.dataset={work / 'few-windows.pt'}"]),
+        ("windows file of another tokenizer", [*fit, run, f"--data.dataset={work / 'foreign-windows.pt'}"]),
         ("model path missing", [*fit, run, "--model.path=./no/such/model"]),
         ("model folder with only config.json", [*fit, run, f"--model.path={only_config}"]),
         ("model folder without tokenizer", [*fit, run, f"--model.path={no_tok}"]),
