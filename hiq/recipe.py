@@ -321,7 +321,7 @@ class Recipe:
         batch size (neither changes the weights)."""
         out = self.to_dict()
         out["reconstruction"] = {k: v for k, v in out["reconstruction"].items() if k != "log_every_n_steps"}
-        out["sensitivity"] = {k: v for k, v in out["sensitivity"].items() if k != "fisher_batch_size"}
+        out["sensitivity"] = self.sensitivity.fingerprint()
         return out
 
     def key(self) -> str:

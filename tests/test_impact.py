@@ -74,3 +74,13 @@ def test_batch_size_below_one_is_refused(tiny_copy, wikitext_test_ids):
     model, _ = tiny_copy
     with pytest.raises(ValueError, match="batch_size=0"):
         FisherAccumulator(model).accumulate(_windows(wikitext_test_ids, n=1), batch_size=0)
+
+
+def test_fisher_batch_size_is_in_no_key_or_run_manifest():
+    """It changes only speed and memory: a run folder made with one batch size resumes with another, and M is reused."""
+    from hiq.recipe import Recipe, SensitivityOptions
+
+    one, eight = (Recipe(sensitivity=SensitivityOptions(fisher_batch_size=b)) for b in (1, 8))
+    assert one.run_dict() == eight.run_dict()
+    assert one.sensitivity.fingerprint() == eight.sensitivity.fingerprint()
+    assert one.run_dict()["sensitivity"]["nsamples"] == one.sensitivity.nsamples
