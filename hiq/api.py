@@ -149,6 +149,10 @@ def _check_windows(recipe: Recipe, nsamples: int, world_size: int = 1) -> None:
                              f"windows the block fits get (data.nsamples={nsamples}"
                              + (f", reconstruction.nsamples={rec.nsamples}" if rec.nsamples else "")
                              + f"); lower reconstruction.batch_size to at most {windows} or raise data.nsamples")
+        if rec.tune_steps and rec.tune_batch_size > windows:
+            raise ValueError(f"reconstruction.tune_batch_size={rec.tune_batch_size} is larger than the {windows} "
+                             f"calibration windows the end-to-end tuning gets; lower it to at most {windows}, raise "
+                             f"data.nsamples, or set reconstruction.tune_steps=0 (no tuning)")
     if sens.enabled and recipe.ratios.mode == "optimal" and sens.nsamples > nsamples:
         raise ValueError(f"sensitivity.nsamples={sens.nsamples} is larger than data.nsamples={nsamples}; lower it "
                          f"or raise data.nsamples")
@@ -451,6 +455,17 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
         for local, record in saved["layers"].items():
             records[layout.full_name(fp_model, b, local)] = record
     weights_key = weights_digest(source, keys, fingerprint)
+    if run.tuning.is_file():  # end-to-end tuned scales (hiq.tuning), when they belong to these weights
+        try:
+            tuning = load_tensors(run.tuning)
+        except ArtifactError as err:
+            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
+        tuned_key = weights_digest(source, keys, fingerprint, tuning["key"])
+        if metrics.get("weights_key") in (None, tuned_key):
+            from hiq.tuning import with_scales
+
+            records = {name: with_scales(r, tuning["scales"][name]) for name, r in records.items()}
+            weights_key = tuned_key
     if metrics.get("weights_key") not in (None, weights_key):
         raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
                          f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")

@@ -226,6 +226,11 @@ class RunDir:
         """Finished block: integer codes, scales, zeros and permutation of its linears, plus losses."""
         return self.root / "blocks" / f"block_{block:02d}.safetensors"
 
+    @property
+    def tuning(self) -> Path:
+        """The end-to-end tuned scales of every reconstructed layer (:mod:`hiq.tuning`)."""
+        return self.root / "tuning.safetensors"
+
     def evaluation(self, name: str) -> Path:
         return self.root / "eval" / f"{name}.json"
 

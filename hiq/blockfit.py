@@ -321,14 +321,7 @@ class BlockReconstruction(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if not _distributed():
-            return
-        world = torch.distributed.get_world_size()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(world)
+        average_gradients(optimizer)
 
 
 LR_SCHEDULES = ("constant", "linear")
@@ -354,6 +347,18 @@ class SignSGD(torch.optim.Optimizer):
                 if p.grad is not None:
                     p.add_(torch.sign(p.grad), alpha=-group["lr"])
         return loss
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Data parallel without a DDP wrapper: each gradient becomes its mean over the ranks (no-op on one process)."""
+    if not _distributed():
+        return
+    world = torch.distributed.get_world_size()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
 
 
 def _distributed() -> bool:

@@ -60,7 +60,7 @@ from hiq.recipe import (
 )
 from hiq.version import __version__
 
-STAGES = ("fisher", "sensitivity", "ratios", "plots", "reconstruction", "export", "evaluation")
+STAGES = ("fisher", "sensitivity", "ratios", "plots", "reconstruction", "tuning", "export", "evaluation")
 
 
 def info(message: str, rt: Runtime | None = None) -> None:
@@ -116,6 +116,9 @@ class RunState:
     ratios: Any = None  # hiq.solver.RatioSolution
     blocks: list[dict] | None = None  # per block: losses, seconds, bits, params
     block_keys: list[str] = field(default_factory=list)
+    #: this rank's calibration windows and the full-precision last block's outputs for them (for the tuning stage)
+    final_targets: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    tuning: dict | None = None  # the end-to-end tuning's key, tuned scales per layer, KL before/after
     timings: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     exports: dict[str, str] = field(default_factory=dict)
@@ -158,13 +161,18 @@ class Job:
     def weights_key(self) -> str:
         """What the weights are: the model (name and fingerprint) plus, if blocks were reconstructed, every
         block's key (which holds the fingerprint too)."""
-        return weights_digest(self.model_name, self.state.block_keys, self.model_fingerprint)
+        tuning = self.state.tuning["key"] if self.state.tuning else None
+        return weights_digest(self.model_name, self.state.block_keys, self.model_fingerprint, tuning)
 
 
-def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | None = None) -> str:
-    """The key of a model's weights: its name and fingerprint and the keys of its reconstructed blocks
-    (``metrics.json``)."""
-    return digest({"model": model_name, "fingerprint": fingerprint, "blocks": list(block_keys) or None})
+def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | None = None,
+                   tuning_key: str | None = None) -> str:
+    """The key of a model's weights: its name and fingerprint, the keys of its reconstructed blocks and, when the
+    scales were tuned end to end, the tuning's key (``metrics.json``)."""
+    payload = {"model": model_name, "fingerprint": fingerprint, "blocks": list(block_keys) or None}
+    if tuning_key is not None:  # runs without the tuning keep the key they always had
+        payload["tuning"] = tuning_key
+    return digest(payload)
 
 
 def load_if_current(path: Path, key: str, json_file: bool = False, rt: Runtime | None = None) -> dict | None:
@@ -217,6 +225,7 @@ class BlockLoop:
     def __init__(self, job: Job, windows: torch.Tensor, quantized_path: bool):
         self.job, self.quantized_path = job, quantized_path
         self.blocks = job.layout.blocks_of(job.model)
+        self.windows = windows
         job.model.to("cpu")
         self.fp_inputs = capture_block_inputs(job.model, windows, batch_size=1, device="cpu")
         self.q_inputs = self.fp_inputs
@@ -423,6 +432,7 @@ def reconstruction_stage(job: Job) -> None:
         bar.update()
     bar.close()
     rt.barrier("reconstruction")
+    job.state.final_targets = (loop.windows, targets) if summary else None
     job.state.blocks, job.state.block_keys = summary, keys
     job.state.timings["reconstruction"] = sum(r["seconds"] for r in summary)
     info(f"[hiq] reconstruction: {len(summary)} blocks, {time.time() - t_all:.1f}s this run -> "
@@ -441,7 +451,123 @@ def block_records(job: Job) -> dict[str, dict]:
                                f"reconstruction); rerun to recompute it")
         for local, record in saved["layers"].items():
             records[job.layout.full_name(job.model, b, local)] = record
+    if job.state.tuning:
+        from hiq.tuning import with_scales
+
+        records = {name: with_scales(r, job.state.tuning["scales"][name]) for name, r in records.items()}
     return records
+
+
+def tuning_stage(job: Job) -> None:
+    """Step 4b: end-to-end scale tuning of every reconstructed layer (:mod:`hiq.tuning`), one ``Trainer.fit``;
+    ``tuning.safetensors`` holds the tuned scales and is reused while its key (the blocks' keys and the
+    ``tune_*`` options) holds. The tuned scales are kept only when they lower the KL to the full-precision model
+    on the calibration windows; the model then holds the tuned weights."""
+    from hiq.tuning import finite_or_raise, with_scales
+
+    opts, rt = job.recipe.reconstruction, job.rt
+    job.state.tuning = None
+    if not job.state.block_keys or opts.tune_steps == 0:
+        return
+    key = job.key("tuning", blocks=list(job.state.block_keys), tuning=opts.tuning_fingerprint(),
+                  record=RECORD_FORMAT)
+    path = rt.run.tuning
+    records = block_records(job)
+    saved = load_if_current(path, key, rt=rt)
+    if saved is not None:
+        info(f"[hiq] tuning: reused {path} (KL {saved['kl_before']:.4g} -> {saved['kl_after']:.4g})", rt)
+    else:
+        saved = _tune_scales(job, key, records)
+        if rt.is_global_zero:
+            save_tensors(path, saved)
+        rt.barrier("tuning")
+    finite_or_raise(float(saved["kl_after"]), "the KL after tuning")
+    job.state.tuning, job.state.final_targets = saved, None
+    job.state.timings["tuning"] = float(saved["seconds"])
+    _install_full(job, {name: with_scales(r, saved["scales"][name]) for name, r in records.items()})
+
+
+def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
+    """Fit the scales (:class:`hiq.tuning.ScaleTuning` under its own Trainer); the artifact's content."""
+    import lightning as L
+
+    from hiq.blockfit import _swap, quiet_lightning, reduce_loss
+    from hiq.schedules import StepProgressBar
+    from hiq.tuning import ScaledCodesLinear, ScaleTuning, WindowPairs, teacher_cache_fits
+
+    opts, rt = job.recipe.reconstruction, job.rt
+    if job.state.final_targets is None:
+        raise RuntimeError("the tuning stage needs the reconstruction stage's full-precision outputs of the last "
+                           "block; run the reconstruction in the same fit")
+    windows, final_hidden = job.state.final_targets
+    if opts.tune_batch_size % rt.world_size:
+        raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} is not divisible by the "
+                         f"{rt.world_size} processes; use a multiple of {rt.world_size}")
+    per_rank = opts.tune_batch_size // rt.world_size
+    if per_rank > len(windows):
+        raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} needs {per_rank} windows per "
+                         f"process, this one has {len(windows)}; lower it")
+    t0 = time.time()
+    model, device = job.model, rt.device
+    dtype = next(model.parameters()).dtype
+    model.to(device)
+    modules = dict(model.named_modules())
+    layers = {name: ScaledCodesLinear(record, dtype).to(device) for name, record in records.items()}
+    originals = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        originals[name] = _swap(modules[parent], child, layer)
+    blocks = job.layout.blocks_of(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    module = ScaleTuning(model, blocks[len(blocks) - 1], list(layers.values()), opts.tune_lr, opts.tune_steps,
+                         cache_teacher=teacher_cache_fits(windows, vocab))
+    data = WindowPairs(windows, final_hidden)
+    try:
+        kl_before = reduce_loss(rt, module.kl_sum(data, per_rank))
+        info(f"[hiq] tuning: KL to the full-precision model on the calibration windows {kl_before:.4g}", rt)
+        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=True, drop_last=True,
+                                             generator=torch.Generator().manual_seed(opts.seed + 7919))
+        callbacks = [StepProgressBar("End-to-end tuning", opts.tune_steps)] if rt.is_global_zero else []
+        with quiet_lightning():
+            trainer = L.Trainer(
+                accelerator="gpu" if device.type == "cuda" else "cpu",
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                max_steps=opts.tune_steps, max_epochs=-1, callbacks=callbacks,
+                logger=rt.logger if rt.is_global_zero and rt.logger else False, enable_checkpointing=False,
+                enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                log_every_n_steps=min(opts.log_every_n_steps, opts.tune_steps), default_root_dir=str(rt.run.root))
+            trainer.fit(module, train_dataloaders=loader)
+        model.to(device)  # Trainer.fit's teardown moved the module to the CPU
+        if trainer.global_step < opts.tune_steps:
+            raise RuntimeError(f"end-to-end tuning stopped after {trainer.global_step} of {opts.tune_steps} steps")
+        kl_after = reduce_loss(rt, module.kl_sum(data, per_rank))
+        kept = kl_after < kl_before
+        scales = {name: (layer.tuned_scales() if kept else {p: records[name][p]["scale"] for p in ("high", "normal")})
+                  for name, layer in layers.items()}
+    finally:
+        for name, lin in originals.items():
+            parent, _, child = name.rpartition(".")
+            _swap(modules[parent], child, lin)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.to("cpu")
+    seconds = time.time() - t0
+    info(f"[hiq] tuning: {opts.tune_steps} steps, KL {kl_before:.4g} -> {kl_after:.4g} "
+         + ("(kept)" if kept else "(higher: the block fits' scales are kept)") + f", {seconds:.1f}s", rt)
+    rt.log({"tuning/kl_before": kl_before, "tuning/kl_after": kl_after, "tuning/seconds": seconds})
+    return {"key": key, "scales": scales, "kl_before": kl_before, "kl_after": kl_after if kept else kl_before,
+            "kl_tuned": kl_after, "kept": kept, "steps": opts.tune_steps, "seconds": seconds}
+
+
+def _install_full(job: Job, records: dict[str, dict]) -> None:
+    """Every reconstructed layer of the model gets the dequantised weights of its record."""
+    from hiq.quant.hybrid import dequantize_record
+
+    modules = dict(job.model.named_modules())
+    with torch.no_grad():
+        for name, record in records.items():
+            lin = modules[name]
+            lin.weight.data = dequantize_record(record).to(device=lin.weight.device, dtype=lin.weight.dtype)
 
 
 def _export_dequantized(job: Job, target: Path, key: str, options: ExportOptions) -> None:
@@ -657,6 +783,9 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
                        for k, v in results.items()}
     if summary:
         metrics["blocks"] = [{k: r[k] for k in ("block", "loss_rtn", "loss_final", "seconds")} for r in summary]
+    if job.state.tuning:
+        metrics["tuning"] = {k: job.state.tuning[k] for k in ("kl_before", "kl_after", "kl_tuned", "kept", "steps",
+                                                               "seconds")}
     metrics["recipe"] = job.recipe.to_dict()
     metrics["recipe_key"] = job.recipe.key()
     metrics["calibration"] = job.calibration_key()

@@ -201,6 +201,12 @@ class ReconstructionOptions:
         log_every_n_steps: logging interval of the block fits.
         seed: seed of the sample order.
         enabled: run the stage (off: the model stays in full precision).
+        tune_steps: steps of end-to-end scale tuning after the last block (stage ``tuning``, :mod:`hiq.tuning`):
+            every quantized layer's scales, codes and zero points fixed, fitted together to the full-precision
+            model's next-token distributions on the calibration windows; 0 = off (the paper, and the ``paper``
+            preset).
+        tune_lr: its Adam learning rate on the log of each scale, decaying linearly to 0.
+        tune_batch_size: calibration windows per tuning step, over all processes.
     """
 
     iterations: int = 5000
@@ -223,6 +229,9 @@ class ReconstructionOptions:
     log_every_n_steps: int = 25
     seed: int = 0
     enabled: bool = True
+    tune_steps: int = 128
+    tune_lr: float = 5e-3
+    tune_batch_size: int = 4
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -248,6 +257,11 @@ class ReconstructionOptions:
         _positive("reconstruction.lr_lwc", self.lr_lwc)
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"reconstruction.warmup={self.warmup} must be in [0, 1)")
+        if self.tune_steps < 0:
+            raise ValueError(f"reconstruction.tune_steps={self.tune_steps} must be 0 (no end-to-end tuning) or more")
+        _positive("reconstruction.tune_lr", self.tune_lr)
+        if self.tune_batch_size < 1:
+            raise ValueError(f"reconstruction.tune_batch_size={self.tune_batch_size} must be at least 1")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ReconstructionOptions:
@@ -259,8 +273,14 @@ class ReconstructionOptions:
         return cls(**{**RECONSTRUCTION_PRESETS[name], **overrides})
 
     def fingerprint(self) -> dict:
-        """The fields that change the quantized weights (logging cadence and the on/off switch do not)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("log_every_n_steps", "enabled")}
+        """The fields that change a block's fit (logging cadence, the on/off switch and the end-to-end tuning after
+        the last block do not: changing only ``tune_*`` keeps every block and reruns the tuning)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("log_every_n_steps", "enabled") and not k.startswith("tune_")}
+
+    def tuning_fingerprint(self) -> dict:
+        """The fields of the end-to-end scale tuning (with the sample-order seed)."""
+        return {k: v for k, v in asdict(self).items() if k.startswith("tune_") or k == "seed"}
 
 
 @dataclass
@@ -443,9 +463,10 @@ class PlotOptions:
 
 
 RECONSTRUCTION_PRESETS = {
-    "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant", "keep_best": False},
+    "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant", "keep_best": False,
+              "tune_steps": 0},
     "signround": {"high_quantizer": "signround", "normal_quantizer": "signround", "lr_schedule": "linear",
-                  "keep_best": True},
+                  "keep_best": True, "tune_steps": 128},
 }
 
 SECTIONS = {"quant": QuantOptions, "ratios": RatioOptions, "sensitivity": SensitivityOptions,

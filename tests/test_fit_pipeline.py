@@ -14,11 +14,15 @@ from hiq.cli import main
 from hiq.data import eval_windows, load_text, tokenize_text
 from hiq.modules import HiQPipeline
 from hiq.perplexity import perplexity
+from hiq.pipeline import weights_digest
+from hiq.quant.hybrid import dequantize_record
+from hiq.tuning import with_scales
 from tests.test_fit_ratios import SMALL
 
 E2E = json.loads(json.dumps(SMALL))
 E2E["sensitivity"] = {"nsamples": 2, "fidelity_assignments": 0}
-E2E["reconstruction"] = {"iterations": 12, "batch_size": 2, "log_every_n_steps": 4}
+E2E["reconstruction"] = {"iterations": 12, "batch_size": 2, "log_every_n_steps": 4, "tune_steps": 6,
+                         "tune_batch_size": 2}
 E2E["export"] = {"enabled": True}
 E2E["evaluation"] = {"datasets": ["wikitext2"], "seqlen": 64, "max_windows": 6, "tasks": "piqa,winogrande", "limit": 4}
 
@@ -242,3 +246,47 @@ def test_a_model_changed_in_place_is_recomputed(tiny_copy, tmp_path, capsys):
     assert "block_00.safetensors was computed from another model" in err  # M too
     after = load_tensors(run / "fisher.safetensors")["scores"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tuning_stage_moves_only_the_scales_and_export_holds_them(finished):
+    tmp, run, metrics = finished
+    t = metrics["tuning"]
+    assert t["steps"] == 6 and t["kl_after"] <= t["kl_before"] and t["kl_tuned"] > 0
+    assert metrics["stage_seconds"]["tuning"] > 0
+    saved = load_tensors(run / "tuning.safetensors")
+    record = load_tensors(run / "blocks" / "block_03.safetensors")["layers"]["self_attn.v_proj"]
+    tuned = saved["scales"]["model.layers.3.self_attn.v_proj"]
+    assert t["kept"] and not torch.equal(tuned["normal"], record["normal"]["scale"])  # 6 steps at 5e-3 lower the KL
+    # the model that was scored and exported is the block fits' codes under the tuned scales
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "model")
+    w = exported.model.layers[3].self_attn.v_proj.weight.detach()
+    assert torch.equal(w, dequantize_record(with_scales(record, tuned)))
+    assert not torch.equal(w, dequantize_record(record))
+
+
+def test_changing_only_the_tuning_keeps_every_block(finished, tmp_path, capsys):
+    tmp, run, metrics = finished
+    runs = {}
+    for steps in (3, 0):
+        other = tmp_path / f"tune{steps}"
+        other.mkdir()
+        for name in ("fisher.safetensors", "sensitivity", "ratios.json", "blocks"):
+            (shutil.copytree if (run / name).is_dir() else shutil.copy)(run / name, other / name)
+        blocks = {p.name: p.read_bytes() for p in (other / "blocks").glob("*.safetensors")}
+        capsys.readouterr()
+        runs[steps] = _fit(_config(tmp), other, f"--reconstruction.tune_steps={steps}", "--export.enabled=false",
+                           "--evaluation.tasks=null", "--evaluation.limit=null")
+        err = capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in (other / "blocks").glob("*.safetensors")} == blocks
+        assert "block 7: reused" in err
+        assert (f"tuning: {steps} steps" in err) == (steps > 0)
+        assert (other / "tuning.safetensors").exists() == (steps > 0)
+    assert runs[3]["tuning"]["steps"] == 3 and len({metrics["weights_key"], runs[3]["weights_key"],
+                                                    runs[0]["weights_key"]}) == 3
+    # without the tuning the weights keep the key they had before the stage existed
+    assert "tuning" not in runs[0]
+    assert runs[0]["weights_key"] == weights_digest(metrics["model"], [
+        load_tensors(tmp_path / "tune0" / "blocks" / f"block_{b:02d}.safetensors")["key"] for b in range(8)],
+        metrics["model_fingerprint"])

@@ -17,7 +17,8 @@ def test_frontier_reuses_fisher_and_m_across_budgets(tmp_path, capsys, monkeypat
     frontier = load_benchmark("frontier")
     out = tmp_path / "frontier"
     extra = ["--data.nsamples=4", "--data.seqlen=64", "--sensitivity.nsamples=1", "--ratios.candidates=[0.05,0.2]",
-             "--reconstruction.iterations=2", "--reconstruction.batch_size=2", "--evaluation.datasets=[wikitext2]",
+             "--reconstruction.iterations=2", "--reconstruction.batch_size=2",
+             "--reconstruction.tune_steps=2", "--evaluation.datasets=[wikitext2]",
              "--evaluation.seqlen=64", "--evaluation.max_windows=2", "--trainer.accelerator=cpu"]
     assert frontier.main(["--budgets", "2.05", "2.2", "--out", str(out), "--extra", *extra]) == 0
     table = capsys.readouterr().out

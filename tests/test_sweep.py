@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["--data.nsamples=4", "--data.seqlen=64", "--sensitivity.nsamples=2", "--reconstruction.iterations=4",
-          "--reconstruction.batch_size=2", "--evaluation.datasets=[wikitext2]", "--evaluation.seqlen=64",
+          "--reconstruction.batch_size=2",
+             "--reconstruction.tune_steps=2", "--evaluation.datasets=[wikitext2]", "--evaluation.seqlen=64",
           "--evaluation.max_windows=2", "--export.enabled=false", "--trainer.accelerator=cpu"]
 
 

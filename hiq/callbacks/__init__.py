@@ -10,6 +10,7 @@ from hiq.callbacks.stages import (
     ReconstructionCallback,
     SensitivityCallback,
     StageCallback,
+    TuningCallback,
     method_callbacks,
 )
 from hiq.schedules import GammaAnnealing, StepProgressBar
@@ -22,6 +23,7 @@ __all__ = [
     "PlotCallback",
     "RatioSolverCallback",
     "ReconstructionCallback",
+    "TuningCallback",
     "SensitivityCallback",
     "StageCallback",
     "StepProgressBar",

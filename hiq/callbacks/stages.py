@@ -10,6 +10,7 @@ SensitivityCallback    :func:`hiq.pipeline.sensitivity_stage`
 RatioSolverCallback    :func:`hiq.pipeline.ratio_stage`        the budget is reachable
 PlotCallback           :func:`hiq.pipeline.plot_stage`
 ReconstructionCallback :func:`hiq.pipeline.reconstruction_stage` batch size vs processes
+TuningCallback         :func:`hiq.pipeline.tuning_stage`        batch size vs processes
 ExportCallback         :func:`hiq.pipeline.export_stage`
 EvaluationCallback     :func:`hiq.pipeline.evaluation_stage`   datasets readable, lm-eval present
 =====================  ======================================  =====================================
@@ -116,6 +117,25 @@ class ReconstructionCallback(StageCallback):
         P.reconstruction_stage(job)
 
 
+class TuningCallback(StageCallback):
+    """End-to-end scale tuning of the reconstructed layers, one ``Trainer.fit`` (``tuning.safetensors``)."""
+
+    stage = "tuning"
+
+    def enabled(self) -> bool:
+        rec = self.recipe.reconstruction
+        return rec.enabled and rec.tune_steps > 0
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        bs = self.recipe.reconstruction.tune_batch_size
+        if self.enabled() and bs % trainer.world_size:
+            raise ValueError(f"reconstruction.tune_batch_size={bs} is not divisible by the {trainer.world_size} "
+                             f"processes; use a multiple of {trainer.world_size}")
+
+    def run(self, job: P.Job) -> None:
+        P.tuning_stage(job)
+
+
 class ExportCallback(StageCallback):
     """Write ``model/``, a checkpoint ``AutoModelForCausalLM.from_pretrained`` loads."""
 
@@ -159,6 +179,7 @@ def method_callbacks(recipe: Recipe, export: ExportOptions | None = None, evalua
     """The stage callbacks of the method, in the order of :data:`hiq.pipeline.STAGES`."""
     callbacks = [FisherCallback(recipe), SensitivityCallback(recipe), RatioSolverCallback(recipe),
                  PlotCallback(recipe, plots or PlotOptions(enabled=False)), ReconstructionCallback(recipe),
+                 TuningCallback(recipe),
                  ExportCallback(recipe, export or ExportOptions(enabled=False)),
                  EvaluationCallback(recipe, evaluation or EvaluationOptions(enabled=False))]
     assert tuple(c.stage for c in callbacks) == P.STAGES

@@ -1,0 +1,214 @@
+"""End-to-end scale tuning after the block fits (stage ``tuning``, ``reconstruction.tune_*``).
+
+The block fits leave each quantized layer as integer codes, zero points and one scale per row (or group) and part.
+Each block was fitted alone, to its own full-precision outputs. This stage fits all the scales of all blocks
+*together*, to what the model is for: the full-precision model's next-token distributions on the calibration
+windows (KL divergence, averaged over tokens). Codes and zero points do not move, so the bits, the grid and the
+storage stay exactly those of the block fits; only the fp16 scales change (each ``s = s₀ · exp(u)``, ``u`` from 0,
+Adam at ``tune_lr`` decaying linearly to 0, ``tune_steps`` steps of ``tune_batch_size`` windows).
+
+The teacher needs no second model in memory: the block loop already carries the full-precision path, whose last
+block's outputs are cached; a forward hook on the last block swaps them in, so the same forward gives the
+full-precision model's logits (the modules after the blocks — final norm, head — are not quantized).
+
+The stage measures the KL on all calibration windows before and after and keeps the tuned scales only when the KL
+went down. The fit is a :class:`ScaleTuning` ``LightningModule`` under its own ``Trainer.fit``; under DDP each rank
+tunes on its shard of windows and gradients are averaged across ranks before each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiq.blockfit import _distributed, average_gradients
+from hiq.quant.grid import expand_groups, group_widths
+
+PARTS = ("high", "normal")
+
+
+class ScaledCodesLinear(nn.Module):
+    """A finished hybrid layer (:meth:`hiq.quant.hybrid.HybridLinear.finish` record) whose scales are trainable:
+    ``W = (codes − zero) · s₀ · exp(u)`` per part, columns back in the original order; ``u`` starts at 0, so the
+    layer starts as exactly the record's weights."""
+
+    def __init__(self, record: dict, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.record, self.dtype = record, dtype
+        self.register_buffer("order", torch.argsort(record["perm"]), persistent=False)
+        self.log_scale = nn.ParameterDict()
+        for part in PARTS:
+            codes = record[part]["codes"]
+            base = codes.float()
+            if codes.shape[1]:  # a layer at ratio 0 or 1 has one empty part
+                base = base - expand_groups(record[part]["zero"].float(), group_widths(codes.shape[1],
+                                                                                       record["group_size"]))
+            self.register_buffer(f"{part}_base", base.to(dtype), persistent=False)
+            self.register_buffer(f"{part}_scale", record[part]["scale"].float(), persistent=False)
+            self.log_scale[part] = nn.Parameter(torch.zeros_like(record[part]["scale"], dtype=torch.float32))
+
+    def scales(self, part: str) -> torch.Tensor:
+        return getattr(self, f"{part}_scale") * torch.exp(self.log_scale[part])
+
+    def weight(self) -> torch.Tensor:
+        parts = []
+        for part in PARTS:
+            base = getattr(self, f"{part}_base")
+            if base.shape[1]:
+                widths = group_widths(base.shape[1], self.record["group_size"])
+                parts.append(base * expand_groups(self.scales(part), widths).to(base.dtype))
+        return torch.cat(parts, dim=1)[:, self.order]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype))
+
+    @torch.no_grad()
+    def tuned_scales(self) -> dict[str, torch.Tensor]:
+        """Each part's scales, rounded to float16 values (kept as float32) as the block records hold them."""
+        return {part: self.scales(part).detach().cpu().to(torch.float16).float() for part in PARTS}
+
+
+def with_scales(record: dict, scales: dict[str, torch.Tensor]) -> dict:
+    """A copy of a layer record with other scales (same shapes; codes, zeros, permutation shared)."""
+    out = dict(record)
+    for part in PARTS:
+        if tuple(scales[part].shape) != tuple(record[part]["scale"].shape):
+            raise ValueError(f"tuned {part} scales have shape {tuple(scales[part].shape)}, the record "
+                             f"{tuple(record[part]['scale'].shape)}")
+        out[part] = {**record[part], "scale": scales[part].float()}
+    return out
+
+
+@contextlib.contextmanager
+def replaced_output(block: nn.Module, hidden: torch.Tensor):
+    """While active, ``block`` returns ``hidden`` (same structure as its own output): the model's forward then
+    continues from the full-precision path's cached activations."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (hidden.to(output[0].dtype), *output[1:])
+        return hidden.to(output.dtype)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, averaged over every token of the batch."""
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(logp.flatten(0, -2), teacher_logp.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+class WindowPairs(torch.utils.data.Dataset):
+    """(window token ids, the full-precision last block's outputs for it)."""
+
+    def __init__(self, windows: torch.Tensor, final_hidden: list[torch.Tensor]):
+        if len(windows) != len(final_hidden):
+            raise ValueError(f"{len(windows)} windows but {len(final_hidden)} cached outputs")
+        self.windows, self.final_hidden = windows, final_hidden
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int):
+        return self.windows[i], self.final_hidden[i][0], i
+
+
+class ScaleTuning(L.LightningModule):
+    """``training_step``: the full-precision model's next-token log-probabilities (the model's own forward with the
+    last block's output swapped for the cached full-precision one, no gradient), then the quantized model's logits
+    on the same windows; the loss is the per-token KL between the two. ``configure_optimizers``: Adam on the log
+    scales at ``lr``, decaying linearly to 0 over ``steps``."""
+
+    def __init__(self, model: nn.Module, last_block: nn.Module, layers: list[ScaledCodesLinear], lr: float,
+                 steps: int, cache_teacher: bool = False):
+        super().__init__()
+        self._log_hyperparams = False
+        self.model, self.last_block, self.layers = model, last_block, layers
+        self.lr, self.steps = lr, steps
+        #: per window, the teacher's log-probabilities (filled by :meth:`kl_sum`); None = computed every step
+        self.teacher_cache: dict[int, torch.Tensor] | None = {} if cache_teacher else None
+        self.last_losses: dict[str, float] = {}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for layer in layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    def teacher_logp(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), replaced_output(self.last_block, final_hidden):
+            return F.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
+
+    def training_step(self, batch, batch_idx):
+        ids, final_hidden, index = batch
+        if self.teacher_cache:
+            teacher = torch.stack([self.teacher_cache[int(i)] for i in index]).to(ids.device)
+        else:
+            teacher = self.teacher_logp(ids, final_hidden)
+        loss = token_kl(self.model(input_ids=ids).logits, teacher)
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if _distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise FloatingPointError(f"end-to-end tuning: KL is {loss.item()} at step {self.global_step} (a "
+                                     f"non-finite value on this or another rank); lower reconstruction.tune_lr or "
+                                     f"set reconstruction.tune_steps=0")
+        self.last_losses = {"kl": loss.item()}
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:
+            self.log("tuning/kl", loss.detach(), prog_bar=False)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for layer in self.layers for p in layer.parameters()]
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        total = self.steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        average_gradients(optimizer)
+
+    @torch.no_grad()
+    def kl_sum(self, dataset: WindowPairs, batch_size: int) -> tuple[float, int]:
+        """(sum over this rank's windows of the per-token KL times tokens, token count)."""
+        total, tokens = 0.0, 0
+        device = next(self.model.parameters()).device
+        for start in range(0, len(dataset), batch_size):
+            ids = dataset.windows[start:start + batch_size].to(device)
+            hidden = torch.cat([h for h in dataset.final_hidden[start:start + batch_size]]).to(device)
+            rows = range(start, start + ids.shape[0])
+            if self.teacher_cache and all(i in self.teacher_cache for i in rows):
+                teacher = torch.stack([self.teacher_cache[i] for i in rows]).to(device)
+            else:
+                teacher = self.teacher_logp(ids, hidden)
+                if self.teacher_cache is not None:
+                    for i, row in zip(rows, teacher, strict=True):
+                        self.teacher_cache[i] = row.cpu()
+            kl = token_kl(self.model(input_ids=ids).logits, teacher)
+            n = ids.shape[0] * ids.shape[1]
+            total, tokens = total + kl.item() * n, tokens + n
+        return total, tokens
+
+
+#: the teacher's log-probabilities are kept in memory when they take at most this many bytes (the bundled model's
+#: 128 windows x 512 tokens x 2,048 entries: 0.5 GiB), else recomputed at every step (one more forward pass)
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+def teacher_cache_fits(windows: torch.Tensor, vocab_size: int, limit: int | None = None) -> bool:
+    return windows.numel() * vocab_size * 4 <= (TEACHER_CACHE_BYTES if limit is None else limit)
+
+
+def finite_or_raise(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"end-to-end tuning: {what} is {value}; set reconstruction.tune_steps=0")
+    return value

@@ -1,0 +1,105 @@
+"""End-to-end scale tuning (hiq.tuning): the trainable layer starts as its record, the teacher is the
+full-precision model, and the stage's options are checked before any model loads."""
+
+import copy
+
+import pytest
+import torch
+
+import hiq
+from hiq.model import capture_block_inputs
+from hiq.quant.hybrid import HybridLinear, dequantize_record
+from hiq.tuning import ScaledCodesLinear, replaced_output, token_kl, with_scales
+
+
+def _record(tiny, ratio: float, group_size=None) -> dict:
+    model, _ = tiny
+    lin = model.model.layers[2].mlp.down_proj
+    scores = torch.linspace(0, 1, lin.in_features)
+    hybrid = HybridLinear(lin, scores, ratio, 3, 2, group_size, "signround", normal_quantizer="signround")
+    return hybrid.finish()
+
+
+@pytest.mark.parametrize("ratio,group_size", [(0.2, None), (0.0, None), (1.0, None), (0.1, 128)])
+def test_scaled_layer_starts_at_its_record(tiny, ratio, group_size):
+    record = _record(tiny, ratio, group_size)
+    layer = ScaledCodesLinear(record)
+    assert torch.equal(layer.weight().detach(), dequantize_record(record))
+    x = torch.randn(3, record["perm"].numel())
+    assert torch.allclose(layer(x), x @ dequantize_record(record).T, atol=1e-5)
+    scales = layer.tuned_scales()
+    for part in ("high", "normal"):
+        assert torch.equal(scales[part], record[part]["scale"])  # already float16 values
+
+
+def test_tuned_scales_move_only_the_scales(tiny):
+    record = _record(tiny, 0.2)
+    layer = ScaledCodesLinear(record)
+    with torch.no_grad():
+        layer.log_scale["normal"].fill_(0.1)
+    tuned = with_scales(record, layer.tuned_scales())
+    for part in ("high", "normal"):  # codes, zeros and permutation are the block fit's
+        assert torch.equal(tuned[part]["codes"], record[part]["codes"])
+        assert torch.equal(tuned[part]["zero"], record[part]["zero"])
+        assert torch.equal(tuned[part]["scale"], tuned[part]["scale"].half().float())  # what packed/ stores
+    assert torch.equal(tuned["perm"], record["perm"])
+    assert torch.allclose(tuned["normal"]["scale"], record["normal"]["scale"] * torch.exp(torch.tensor(0.1)),
+                          rtol=1e-3)
+    assert torch.allclose(dequantize_record(tuned), layer.weight().detach(), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="tuned high scales have shape"):
+        with_scales(record, {"high": torch.ones(3, 3), "normal": record["normal"]["scale"]})
+
+
+def test_swapped_last_block_output_gives_the_full_precision_logits(tiny):
+    """The teacher: any model whose last block's output is replaced by the full-precision one scores exactly as the
+    full-precision model (the final norm and head are not quantized)."""
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp_logits = model(input_ids=ids).logits
+        inputs = capture_block_inputs(model, ids, batch_size=2, device="cpu")
+        hidden = inputs.hidden[0]
+        for block in model.model.layers:
+            out = block(hidden, **inputs.kwargs_for(0))
+            hidden = out[0] if isinstance(out, tuple) else out
+        damaged = copy.deepcopy(model)
+        for p in damaged.model.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(damaged(input_ids=ids).logits, fp_logits, atol=1e-2)
+        with replaced_output(damaged.model.layers[-1], hidden):
+            swapped = damaged(input_ids=ids).logits
+        assert torch.allclose(swapped, fp_logits, atol=1e-4)
+        # the hook is gone afterwards
+        assert not torch.allclose(damaged(input_ids=ids).logits, fp_logits, atol=1e-2)
+    logp = torch.log_softmax(fp_logits, -1)
+    assert token_kl(fp_logits, logp).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_kl(swapped + torch.randn_like(swapped), logp).item() > 0.01
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"tune_steps": -1}, "reconstruction.tune_steps=-1 must be 0"),
+    ({"tune_lr": 0.0}, "reconstruction.tune_lr"),
+    ({"tune_batch_size": 0}, "reconstruction.tune_batch_size=0 must be at least 1"),
+])
+def test_bad_tuning_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        hiq.ReconstructionOptions(**options)
+
+
+def test_tuning_batch_larger_than_the_windows_fails_before_any_stage(tmp_path):
+    recipe = hiq.Recipe(ratios={"mode": "fixed", "fixed_ratio": 0.0}, sensitivity={"enabled": False},
+                        reconstruction={"batch_size": 2, "tune_batch_size": 8})
+    with pytest.raises(ValueError, match=r"tune_batch_size=8 is larger than the 4 calibration windows.*"
+                                         r"tune_steps=0"):
+        hiq.quantize("tiny-llama", recipe=recipe, calibration=hiq.CalibrationOptions(nsamples=4, seqlen=64),
+                     run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "fisher.safetensors").exists()
+
+
+def test_presets_and_fingerprints():
+    paper, default = hiq.ReconstructionOptions.preset("paper"), hiq.ReconstructionOptions()
+    assert paper.tune_steps == 0 and default.tune_steps > 0  # the paper has no end-to-end step
+    # the tuning options are not part of a block's key: changing them keeps every block
+    assert hiq.ReconstructionOptions(tune_steps=3, tune_lr=1e-2).fingerprint() == default.fingerprint()
+    assert hiq.ReconstructionOptions(tune_steps=3).tuning_fingerprint() != default.tuning_fingerprint()
+    assert "tune_steps" not in default.fingerprint() and "iterations" not in default.tuning_fingerprint()
