@@ -34,7 +34,8 @@ MODELS = {
     "tiny": {
         "path": "tiny-llama", "what": "the bundled tiny LLaMA (2.2M parameters, 8 blocks)", "dtype": "float32",
         "dtype_note": "float32 on CPU", "accelerator": "auto", "seqlen_note": "-> 512 for the tiny model",
-        "m_nsamples": 4, "fidelity": 0, "fisher_batch": 8, "iterations": 200, "batch_size": 8, "eval_batch": 4, "tune_batch": 4,
+        "m_nsamples": 4, "fidelity": 0, "fisher_batch": 8, "iterations": 200, "batch_size": 8, "eval_batch": 4,
+        "tune_batch": 4,
         "tasks": "null", "zs_batch": 32,
         "iter_note": "AutoRound's 200 steps of 8 windows; the paper 5,000; `make demo` stays under 15 min on 2 cores",
         "logger": "  logger: true                # CSV in <run dir>/lightning_logs; W&B: --trainer.logger=WandbLogger",
@@ -43,7 +44,8 @@ MODELS = {
     "llama-2-7b": {
         "path": "meta-llama/Llama-2-7b-hf", "what": "LLaMA-2-7B (paper Tables 1-4)", "dtype": "bfloat16",
         "dtype_note": "bfloat16 on GPUs", "accelerator": "auto", "seqlen_note": "-> 2048",
-        "m_nsamples": 16, "fidelity": 20, "fisher_batch": 1, "iterations": 5000, "batch_size": 1, "eval_batch": 1, "tune_batch": 1,
+        "m_nsamples": 16, "fidelity": 20, "fisher_batch": 1, "iterations": 5000, "batch_size": 1, "eval_batch": 1,
+        "tune_batch": 1,
         "tasks": "all", "zs_batch": 16,
         "iter_note": "paper Section 4.1: 5,000", "export_dtype": "float16",
         "logger": ("  logger:                      # W&B as in the paper's runs; files go to <run dir>/wandb\n"
