@@ -184,7 +184,7 @@ class ScaleTuning(L.LightningModule):
         device = next(self.model.parameters()).device
         for start in range(0, len(dataset), batch_size):
             ids = dataset.windows[start:start + batch_size].to(device)
-            hidden = torch.cat([h for h in dataset.final_hidden[start:start + batch_size]]).to(device)
+            hidden = torch.cat(dataset.final_hidden[start:start + batch_size]).to(device)
             rows = range(start, start + ids.shape[0])
             if self.teacher_cache and all(i in self.teacher_cache for i in rows):
                 teacher = torch.stack([self.teacher_cache[i] for i in rows]).to(device)
