@@ -117,7 +117,8 @@ class RunState:
     blocks: list[dict] | None = None  # per block: losses, seconds, bits, params
     block_keys: list[str] = field(default_factory=list)
     #: this rank's calibration windows and the full-precision last block's outputs for them (for the tuning stage)
-    final_targets: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    #: (windows, the full-precision last block's outputs, the quantized one's on the quantized path) for the tuning
+    final_targets: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
     tuning: dict | None = None  # the end-to-end tuning's key, tuned scales per layer, KL before/after
     timings: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
@@ -426,13 +427,15 @@ def reconstruction_stage(job: Job) -> None:
                 save_tensors(path, result)
             rt.log({"recon/loss_rtn": loss_rtn, "recon/loss_final": loss_final, "recon/seconds": result["seconds"]},
                    step=b)
+        if b == len(loop) - 1 and opts.tune_steps and step.q_outputs is None:
+            step.q_outputs = block_outputs(block, step.q_inputs, rt.device)  # the tuning's KL before it starts
         summary.append(block_summary(b, result))
         keys.append(key)
         bar.set_postfix(rtn=f"{result['loss_rtn']:.4g}", final=f"{result['loss_final']:.4g}")
         bar.update()
     bar.close()
     rt.barrier("reconstruction")
-    job.state.final_targets = (loop.windows, targets) if summary else None
+    job.state.final_targets = (loop.windows, targets, step.q_outputs) if summary else None
     job.state.blocks, job.state.block_keys = summary, keys
     job.state.timings["reconstruction"] = sum(r["seconds"] for r in summary)
     info(f"[hiq] reconstruction: {len(summary)} blocks, {time.time() - t_all:.1f}s this run -> "
@@ -499,7 +502,7 @@ def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
     if job.state.final_targets is None:
         raise RuntimeError("the tuning stage needs the reconstruction stage's full-precision outputs of the last "
                            "block; run the reconstruction in the same fit")
-    windows, final_hidden = job.state.final_targets
+    windows, final_hidden, q_hidden = job.state.final_targets
     if opts.tune_batch_size % rt.world_size:
         raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} is not divisible by the "
                          f"{rt.world_size} processes; use a multiple of {rt.world_size}")
@@ -517,13 +520,12 @@ def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         originals[name] = _swap(modules[parent], child, layer)
-    blocks = job.layout.blocks_of(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    module = ScaleTuning(model, blocks[len(blocks) - 1], list(layers.values()), opts.tune_lr, opts.tune_steps,
+    module = ScaleTuning(model, job.layout.blocks_path(model), list(layers.values()), opts.tune_lr, opts.tune_steps,
                          cache_teacher=teacher_cache_fits(windows, vocab))
     data = WindowPairs(windows, final_hidden)
     try:
-        kl_before = reduce_loss(rt, module.kl_sum(data, per_rank))
+        kl_before = reduce_loss(rt, module.kl_sum(data, per_rank, student_hidden=q_hidden))
         info(f"[hiq] tuning: KL to the full-precision model on the calibration windows {kl_before:.4g}", rt)
         loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(opts.seed + 7919))

@@ -8,8 +8,10 @@ storage stay exactly those of the block fits; only the fp16 scales change (each 
 Adam at ``tune_lr`` decaying linearly to 0, ``tune_steps`` steps of ``tune_batch_size`` windows).
 
 The teacher needs no second model in memory: the block loop already carries the full-precision path, whose last
-block's outputs are cached; a forward hook on the last block swaps them in, so the same forward gives the
-full-precision model's logits (the modules after the blocks — final norm, head — are not quantized).
+block's outputs are cached. With the block list cut to the last block and that block's output swapped for the cached
+one (:func:`from_final_hidden`), the model's own forward gives the full-precision model's logits for the cost of one
+block (the modules after the blocks — final norm, head — are not quantized). The KL before tuning takes the
+quantized model's logits the same way, from the quantized path's last outputs, so it runs no block either.
 
 The stage measures the KL on all calibration windows before and after and keeps the tuned scales only when the KL
 went down. The fit is a :class:`ScaleTuning` ``LightningModule`` under its own ``Trainer.fit``; under DDP each rank
@@ -101,6 +103,24 @@ def replaced_output(block: nn.Module, hidden: torch.Tensor):
         handle.remove()
 
 
+@contextlib.contextmanager
+def from_final_hidden(model: nn.Module, blocks_path: str, hidden: torch.Tensor):
+    """While active, the model's forward continues from ``hidden`` as the last block's output and runs no other block:
+    the block list holds only the last block, whose output is swapped (:func:`replaced_output`). A forward then costs
+    the embedding, one block, the final norm and the head — the logits of any model whose last block outputs
+    ``hidden``."""
+    parent_name, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr)
+    last = blocks[len(blocks) - 1]
+    setattr(parent, attr, nn.ModuleList([last]))
+    try:
+        with replaced_output(last, hidden):
+            yield
+    finally:
+        setattr(parent, attr, blocks)
+
+
 def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) per token, averaged over every token of the batch."""
     logp = F.log_softmax(student_logits.float(), dim=-1)
@@ -128,11 +148,11 @@ class ScaleTuning(L.LightningModule):
     on the same windows; the loss is the per-token KL between the two. ``configure_optimizers``: Adam on the log
     scales at ``lr``, decaying linearly to 0 over ``steps``."""
 
-    def __init__(self, model: nn.Module, last_block: nn.Module, layers: list[ScaledCodesLinear], lr: float,
+    def __init__(self, model: nn.Module, blocks_path: str, layers: list[ScaledCodesLinear], lr: float,
                  steps: int, cache_teacher: bool = False):
         super().__init__()
         self._log_hyperparams = False
-        self.model, self.last_block, self.layers = model, last_block, layers
+        self.model, self.blocks_path, self.layers = model, blocks_path, layers
         self.lr, self.steps = lr, steps
         #: per window, the teacher's log-probabilities (filled by :meth:`kl_sum`); None = computed every step
         self.teacher_cache: dict[int, torch.Tensor] | None = {} if cache_teacher else None
@@ -143,9 +163,13 @@ class ScaleTuning(L.LightningModule):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
+    def logits_from(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of a model whose last block outputs ``final_hidden`` (one block's forward, no gradient)."""
+        with torch.no_grad(), from_final_hidden(self.model, self.blocks_path, final_hidden):
+            return self.model(input_ids=ids, use_cache=False).logits
+
     def teacher_logp(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), replaced_output(self.last_block, final_hidden):
-            return F.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
+        return F.log_softmax(self.logits_from(ids, final_hidden).float(), dim=-1)
 
     def training_step(self, batch, batch_idx):
         ids, final_hidden, index = batch
@@ -153,7 +177,7 @@ class ScaleTuning(L.LightningModule):
             teacher = torch.stack([self.teacher_cache[int(i)] for i in index]).to(ids.device)
         else:
             teacher = self.teacher_logp(ids, final_hidden)
-        loss = token_kl(self.model(input_ids=ids).logits, teacher)
+        loss = token_kl(self.model(input_ids=ids, use_cache=False).logits, teacher)
         bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
         if _distributed():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
@@ -178,8 +202,11 @@ class ScaleTuning(L.LightningModule):
         average_gradients(optimizer)
 
     @torch.no_grad()
-    def kl_sum(self, dataset: WindowPairs, batch_size: int) -> tuple[float, int]:
-        """(sum over this rank's windows of the per-token KL times tokens, token count)."""
+    def kl_sum(self, dataset: WindowPairs, batch_size: int,
+               student_hidden: list[torch.Tensor] | None = None) -> tuple[float, int]:
+        """(sum over this rank's windows of the per-token KL times tokens, token count). ``student_hidden``: the
+        quantized model's last-block outputs per window, when known (the reconstruction's quantized path): the
+        student's logits then come from them instead of a forward through every block."""
         total, tokens = 0.0, 0
         device = next(self.model.parameters()).device
         for start in range(0, len(dataset), batch_size):
@@ -193,7 +220,11 @@ class ScaleTuning(L.LightningModule):
                 if self.teacher_cache is not None:
                     for i, row in zip(rows, teacher, strict=True):
                         self.teacher_cache[i] = row.cpu()
-            kl = token_kl(self.model(input_ids=ids).logits, teacher)
+            if student_hidden is None:
+                logits = self.model(input_ids=ids, use_cache=False).logits
+            else:
+                logits = self.logits_from(ids, torch.cat(student_hidden[start:start + batch_size]).to(device))
+            kl = token_kl(logits, teacher)
             n = ids.shape[0] * ids.shape[1]
             total, tokens = total + kl.item() * n, tokens + n
         return total, tokens

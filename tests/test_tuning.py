@@ -9,7 +9,15 @@ import torch
 import hiq
 from hiq.model import capture_block_inputs
 from hiq.quant.hybrid import HybridLinear, dequantize_record
-from hiq.tuning import ScaledCodesLinear, replaced_output, token_kl, with_scales
+from hiq.tuning import (
+    ScaledCodesLinear,
+    ScaleTuning,
+    WindowPairs,
+    from_final_hidden,
+    replaced_output,
+    token_kl,
+    with_scales,
+)
 
 
 def _record(tiny, ratio: float, group_size=None) -> dict:
@@ -73,7 +81,49 @@ def test_swapped_last_block_output_gives_the_full_precision_logits(tiny):
         assert not torch.allclose(damaged(input_ids=ids).logits, fp_logits, atol=1e-2)
     logp = torch.log_softmax(fp_logits, -1)
     assert token_kl(fp_logits, logp).item() == pytest.approx(0.0, abs=1e-6)
+    # one block instead of all: the block list is cut to the last block while active, then restored
+    blocks = damaged.model.layers
+    calls = []
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad(), from_final_hidden(damaged, "model.layers", hidden):
+        assert len(damaged.model.layers) == 1
+        short = damaged(input_ids=ids, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    assert calls == [len(blocks) - 1]
+    assert damaged.model.layers is blocks
+    assert torch.allclose(short, fp_logits, atol=1e-4)
     assert token_kl(swapped + torch.randn_like(swapped), logp).item() > 0.01
+
+
+def test_kl_from_the_quantized_paths_outputs_equals_the_full_forward(tiny):
+    """The KL before tuning takes the student's logits from its last block's outputs (no block forward): the same
+    value as the student's full forward."""
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in student.model.layers.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+    def last_outputs(m):
+        inputs = capture_block_inputs(m, ids, batch_size=1, device="cpu")
+        out = []
+        for i, h in enumerate(inputs.hidden):
+            for block in m.model.layers:
+                h = block(h, **inputs.kwargs_for(i))
+                h = h[0] if isinstance(h, tuple) else h
+            out.append(h)
+        return out
+
+    with torch.no_grad():
+        fp_hidden, q_hidden = last_outputs(model), last_outputs(student)
+    tuning = ScaleTuning(student, "model.layers", [], lr=1e-3, steps=1, cache_teacher=True)
+    data = WindowPairs(ids, fp_hidden)
+    fast = tuning.kl_sum(data, 2, student_hidden=q_hidden)
+    full = tuning.kl_sum(data, 2)
+    assert fast[1] == full[1] == ids.numel()
+    assert fast[0] > 0 and fast[0] == pytest.approx(full[0], rel=1e-4)
 
 
 @pytest.mark.parametrize("options,message", [
