@@ -229,8 +229,8 @@ class ReconstructionOptions:
     log_every_n_steps: int = 25
     seed: int = 0
     enabled: bool = True
-    tune_steps: int = 128
-    tune_lr: float = 5e-3
+    tune_steps: int = 64
+    tune_lr: float = 1e-2
     tune_batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -466,7 +466,7 @@ RECONSTRUCTION_PRESETS = {
     "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant", "keep_best": False,
               "tune_steps": 0},
     "signround": {"high_quantizer": "signround", "normal_quantizer": "signround", "lr_schedule": "linear",
-                  "keep_best": True, "tune_steps": 128},
+                  "keep_best": True, "tune_steps": 64, "tune_lr": 1e-2},
 }
 
 SECTIONS = {"quant": QuantOptions, "ratios": RatioOptions, "sensitivity": SensitivityOptions,

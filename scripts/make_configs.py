@@ -130,7 +130,7 @@ reconstruction:
   enabled: true
   tune_steps: {tune_steps:<17}# end-to-end scale tuning after the last block (hiq.tuning; 0 = off, the paper):
                                # every layer's scales fitted to the FP model's next-token distributions
-  tune_lr: 0.005               # its Adam lr on the log scales, linear decay to 0
+  tune_lr: {tune_lr:<20}# its Adam lr on the log scales, linear decay to 0
   tune_batch_size: {tune_batch:<12}# calibration windows per tuning step, over all processes
 export:
   formats: [packed, dequantized]  # packed/ (deployable, bit-packed codes) | model/ (dequantised) | compressed-tensors
