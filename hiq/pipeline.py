@@ -116,8 +116,8 @@ class RunState:
     ratios: Any = None  # hiq.solver.RatioSolution
     blocks: list[dict] | None = None  # per block: losses, seconds, bits, params
     block_keys: list[str] = field(default_factory=list)
-    #: this rank's calibration windows and the full-precision last block's outputs for them (for the tuning stage)
-    #: (windows, the full-precision last block's outputs, the quantized one's on the quantized path) for the tuning
+    #: for the tuning stage: this rank's calibration windows, the full-precision last block's outputs for them and
+    #: the quantized last block's outputs on the quantized path
     final_targets: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
     tuning: dict | None = None  # the end-to-end tuning's key, tuned scales per layer, KL before/after
     timings: dict[str, float] = field(default_factory=dict)

@@ -28,6 +28,18 @@ def _record(tiny, ratio: float, group_size=None) -> dict:
     return hybrid.finish()
 
 
+def _last_block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The model's last block outputs, one (1, seq, hidden) tensor per window, block by block."""
+    inputs = capture_block_inputs(model, ids, batch_size=1, device="cpu")
+    out = []
+    for i, h in enumerate(inputs.hidden):
+        for block in model.model.layers:
+            h = block(h, **inputs.kwargs_for(i))
+            h = h[0] if isinstance(h, tuple) else h
+        out.append(h)
+    return out
+
+
 @pytest.mark.parametrize("ratio,group_size", [(0.2, None), (0.0, None), (1.0, None), (0.1, 128)])
 def test_scaled_layer_starts_at_its_record(tiny, ratio, group_size):
     record = _record(tiny, ratio, group_size)
@@ -65,11 +77,7 @@ def test_swapped_last_block_output_gives_the_full_precision_logits(tiny):
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fp_logits = model(input_ids=ids).logits
-        inputs = capture_block_inputs(model, ids, batch_size=2, device="cpu")
-        hidden = inputs.hidden[0]
-        for block in model.model.layers:
-            out = block(hidden, **inputs.kwargs_for(0))
-            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = torch.cat(_last_block_outputs(model, ids))
         damaged = copy.deepcopy(model)
         for p in damaged.model.layers.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -105,19 +113,8 @@ def test_kl_from_the_quantized_paths_outputs_equals_the_full_forward(tiny):
     with torch.no_grad():
         for p in student.model.layers.parameters():
             p.add_(0.02 * torch.randn_like(p))
-
-    def last_outputs(m):
-        inputs = capture_block_inputs(m, ids, batch_size=1, device="cpu")
-        out = []
-        for i, h in enumerate(inputs.hidden):
-            for block in m.model.layers:
-                h = block(h, **inputs.kwargs_for(i))
-                h = h[0] if isinstance(h, tuple) else h
-            out.append(h)
-        return out
-
     with torch.no_grad():
-        fp_hidden, q_hidden = last_outputs(model), last_outputs(student)
+        fp_hidden, q_hidden = _last_block_outputs(model, ids), _last_block_outputs(student, ids)
     tuning = ScaleTuning(student, "model.layers", [], lr=1e-3, steps=1, cache_teacher=True)
     data = WindowPairs(ids, fp_hidden)
     fast = tuning.kl_sum(data, 2, student_hidden=q_hidden)
