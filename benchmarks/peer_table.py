@@ -11,9 +11,17 @@ Rows per setting (configs/tiny/<setting>.yaml gives bits = ``quant.bits`` and ``
   autoround-fp32    AutoRound with amp=False (fp32 tuning; its CPU default is bf16 autocast), --autoround-seed
   autoround-best    AutoRound's "best" recipe (auto-round-best: iters 1000, nsamples 512), fp32, --autoround-seed;
                     512 windows of the same data section (its own calibration-512.pt)
+  autoround-ext     AutoRound's W2A16 advice at its default iterations: symmetric grid (sym=True, its W2A16 default)
+                    + enable_alg_ext=True (SignRoundV2's init-scale search and outlier-suppressed loss; auto-round
+                    0.16.1 applies them to symmetric int grids only), fp32, --autoround-seed
+  autoround-best-ext  the README's W2A16 recommendation: auto-round-best (iters 1000, nsamples 512) + sym +
+                    enable_alg_ext, fp32, --autoround-seed
   autoround-scheme  AutoRound's own mixed precision: AutoScheme(avg_bits=B, options=(W<b>A16, W<b+1>A16) at the
                     setting's grouping, ignore_scale_zp_bits=True), fp32, --autoround-seed; one row per
                     --budgets B (code bits, scale/zero excluded as in hiq's budget), cached as autoround-scheme-<B>
+  autoround-scheme-ext  the same with AutoRound's W2A16 advice (sym=True + enable_alg_ext=True; the SignRoundV2
+                    paper's recipe: "turn on enable_alg_ext and use the AutoScheme API"), cached as
+                    autoround-scheme-ext-<B>
   hiq-lwc     hiq fit with ratios fixed at 0, LWC only (the tool at the peers' bits)
   hiq         hiq fit, the method (optimal ratios + AdaRound/LWC hybrid) at its own budget
 
@@ -71,12 +79,19 @@ QUANTIZE = ROOT / "benchmarks" / "peer_tools" / "quantize.py"
 # the peer venvs (benchmarks/peer_tools/setup.sh): llmcompressor 0.14 pins auto-round<=0.15.1, so AutoRound has its own
 PEER_VENVS = {"gptq": ".venv-peers", "awq": ".venv-peers", "hqq": ".venv-peers", "autoround": ".venv-peers-autoround",
               "autoround-fp32": ".venv-peers-autoround", "autoround-best": ".venv-peers-autoround",
-              "autoround-scheme": ".venv-peers-autoround"}
+              "autoround-scheme": ".venv-peers-autoround", "autoround-ext": ".venv-peers-autoround",
+              "autoround-best-ext": ".venv-peers-autoround", "autoround-scheme-ext": ".venv-peers-autoround"}
 
-PEERS = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-scheme", "hqq")
+PEERS = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-ext", "autoround-best-ext",
+         "autoround-scheme", "autoround-scheme-ext", "hqq")
 # quantize.py options of the AutoRound variants (the seed is added from --autoround-seed)
 AUTOROUND_VARIANTS = {"autoround-fp32": ["--amp", "off"], "autoround-best": ["--amp", "off", "--iters", "1000"],
-                      "autoround-scheme": ["--amp", "off"]}
+                      "autoround-ext": ["--amp", "off", "--sym", "--alg-ext"],
+                      "autoround-best-ext": ["--amp", "off", "--iters", "1000", "--sym", "--alg-ext"],
+                      "autoround-scheme": ["--amp", "off"],
+                      "autoround-scheme-ext": ["--amp", "off", "--sym", "--alg-ext"]}
+SCHEMES = ("autoround-scheme", "autoround-scheme-ext")  # AutoScheme rows: one per --budgets B
+USES_BEST_CALIBRATION = ("autoround-best", "autoround-best-ext")  # auto-round-best's 512 windows
 BEST_NSAMPLES = 512  # auto-round-best's nsamples (auto_round/cli/main.py RECIPES["best"])
 METHODS = ("rtn", *PEERS, "hiq-lwc", "hiq", "hiq-sr", "hiq-sr-opt")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in AUTOROUND_VARIANTS)  # the variants are opt-in (--methods)
@@ -87,7 +102,11 @@ LABELS = {
     "autoround": "AutoRound (auto-round)",
     "autoround-fp32": "AutoRound fp32 (auto-round, amp=False)",
     "autoround-best": "AutoRound best recipe (auto-round, iters 1000, nsamples 512, amp=False)",
+    "autoround-ext": "AutoRound sym + enable_alg_ext (auto-round, amp=False)",
+    "autoround-best-ext": "AutoRound best recipe + sym + enable_alg_ext (auto-round, iters 1000, nsamples 512, "
+                          "amp=False)",
     "autoround-scheme": "AutoRound AutoScheme (auto-round, mixed bits, amp=False)",
+    "autoround-scheme-ext": "AutoRound AutoScheme + sym + enable_alg_ext (auto-round, mixed bits, amp=False)",
     "hqq": "HQQ (hqq)",
     "hiq-lwc": "hiq LWC-only (paper preset)",
     "hiq": "hiq, paper preset",
@@ -104,7 +123,8 @@ def _cli(options: dict) -> list[str]:
 _ABLATION = {name: options for name, _, options in __import__("ablation").FIT_ROWS}
 HIQ_FIT_ROWS = {method: (row, _cli(_ABLATION[row])) for method, row in
                 (("hiq-lwc", "lwc"), ("hiq", "ours"), ("hiq-sr", "sr"), ("hiq-sr-opt", "sr-optimal"))}
-CALIBRATED = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-scheme", "hiq-lwc", "hiq",
+CALIBRATED = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-ext", "autoround-best-ext",
+              "autoround-scheme", "autoround-scheme-ext", "hiq-lwc", "hiq",
               "hiq-sr", "hiq-sr-opt")  # rtn and hqq use no data
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -499,11 +519,12 @@ def render_matched(rows: list[dict], frontiers: dict[str, str], fp: tuple[float,
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for r in sorted(rows, key=lambda r: (r.get("setting", ""), r.get("budget") or 0)):
-        if r.get("method") != "autoround-scheme" or r.get("error") or r["setting"] not in frontiers:
+        if r.get("method") not in SCHEMES or r.get("error") or r["setting"] not in frontiers:
             continue
         run = Path(frontiers[r["setting"]]) / f"{r['budget']:.3f}"
+        setting = r["setting"] + (" (AR sym + alg_ext)" if r["method"] == "autoround-scheme-ext" else "")
         if not (run / "metrics.json").is_file():
-            lines.append(f"| {r['setting']} | {r['budget']:.2f} | (no hiq run at {_rel(run)}) | {r['avg_bits']:.3f} "
+            lines.append(f"| {setting} | {r['budget']:.2f} | (no hiq run at {_rel(run)}) | {r['avg_bits']:.3f} "
                          f"| - | "
                          f"{r['wikitext2_ppl']:.2f} | - | {r['c4_ppl']:.2f} | - | - | - | - |")
             continue
@@ -511,10 +532,10 @@ def render_matched(rows: list[dict], frontiers: dict[str, str], fp: tuple[float,
         dh = (m["wikitext2_ppl"] - fp[0], m["c4_ppl"] - fp[1])
         da = (r["wikitext2_ppl"] - fp[0], r["c4_ppl"] - fp[1])
         ratio = [h / a if a > 0 else float("nan") for h, a in zip(dh, da, strict=True)]
-        lines.append(f"| {r['setting']} | {r['budget']:.2f} | {m['avg_bits']:.3f} | {r['avg_bits']:.3f} | "
+        lines.append(f"| {setting} | {r['budget']:.2f} | {m['avg_bits']:.3f} | {r['avg_bits']:.3f} | "
                      f"{m['wikitext2_ppl']:.2f} | {r['wikitext2_ppl']:.2f} | {m['c4_ppl']:.2f} | {r['c4_ppl']:.2f} | "
                      f"{dh[0]:.2f} / {da[0]:.2f} | {ratio[0]:.2f} | {dh[1]:.2f} / {da[1]:.2f} | {ratio[1]:.2f} |")
-        commands.append(f"- {r['setting']} {r['budget']:.2f}: hiq `{_rel(run)}` (benchmarks/frontier.py); AutoScheme "
+        commands.append(f"- {setting} {r['budget']:.2f}: hiq `{_rel(run)}` (benchmarks/frontier.py); AutoScheme "
                         + "; ".join(f"`{c}`" for c in r["commands"]))
     return "\n".join(lines + [""] + commands)
 
@@ -535,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="configs/tiny/<setting>.yaml (w2, w2-g128, w2-g64, w3, w3-g128, w3-g64)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
                    help="default: every method but the opt-in AutoRound variants (autoround-fp32, autoround-best, "
-                        "autoround-scheme)")
+                        "autoround-ext, autoround-best-ext, autoround-scheme, autoround-scheme-ext)")
     p.add_argument("--out", default="runs/bench", help="cache: <out>/<setting>/<method>/")
     p.add_argument("--reuse", default=None, help="copy finished <reuse>/<setting>/{lwc,ours} hiq runs and "
                                                  "<reuse>/<setting>/rtn.json (e.g. runs/ablation, written by "
@@ -580,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration, calib = write_calibration(out, first_cfg, model_path)
         log(f"calibration {calibration}: {calib['count']} x {calib['length']} tokens, seed {calib['seed']}")
     calibration_best = None
-    if "autoround-best" in args.methods:
+    if any(m in USES_BEST_CALIBRATION for m in args.methods):
         calibration_best, calib_best = write_calibration(out, first_cfg, model_path, nsamples=BEST_NSAMPLES)
         log(f"calibration {calibration_best}: {calib_best['count']} x {calib_best['length']} tokens (autoround-best)")
 
@@ -588,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting, (bits, group, _) in specs.items():
         jobs = []
         for method in [m for m in METHODS if m in args.methods]:
-            if method != "autoround-scheme":
+            if method not in SCHEMES:
                 jobs.append((method, None))
                 continue
             budgets = args.budgets or [bits + 0.05, bits + 0.10, bits + 0.20]
@@ -619,9 +640,10 @@ def main(argv: list[str] | None = None) -> int:
                         extra += ["--seed", str(args.autoround_seed)]
                     if budget is not None:
                         extra += ["--avg-bits", f"{budget}", "--scheme-bits", str(bits), str(bits + 1)]
-                    qmethod = "autoround" if method in ("autoround-fp32", "autoround-best") else method
+                    qmethod = "autoround-scheme" if method in SCHEMES else \
+                        "autoround" if method.startswith("autoround") else method
                     row.update(run_peer(qmethod, bits, group, d, model_path,
-                                        calibration_best if method == "autoround-best" else calibration, python,
+                                        calibration_best if method in USES_BEST_CALIBRATION else calibration, python,
                                         args.eval_max_windows, extra))
                 else:
                     row.update(run_hiq(method, setting, d, reuse, args.eval_max_windows))

@@ -48,15 +48,18 @@ def test_frontier_draws_other_frontiers_and_autoround_rows(tmp_path, capsys, mon
     (other / "frontier.json").write_text(json.dumps([{**row, "wikitext2_ppl": 61.0}]))
     bench = tmp_path / "bench"  # what benchmarks/peer_table.py leaves per row: grid check and hiq eval's scores
     for name, bits, ppl in (("autoround-scheme-2.10", 2.096, 63.1), ("autoround-scheme-2.10-seed0", 2.096, 70.0),
-                            ("autoround-fp32", 2.0, 64.6), ("gptq", 2.0, 90.0)):
+                            ("autoround-scheme-ext-2.10", 2.096, 62.9), ("autoround-fp32", 2.0, 64.6),
+                            ("gptq", 2.0, 90.0)):
         (bench / name).mkdir(parents=True)
         mixed = name.startswith("autoround-scheme")  # uniform rows' grid check holds no avg bits: peer.json's bits
         (bench / name / "grid.json").write_text(json.dumps({"avg_bits": bits} if mixed else {"max_levels": 4}))
         (bench / name / "peer.json").write_text(json.dumps({"bits": 2}))
         (bench / name / "eval.json").write_text(json.dumps({"wikitext2_ppl": ppl, "c4_ppl": 4 * ppl}))
     curves = frontier.peer_points(bench)
-    assert set(curves) == {"AutoRound AutoScheme", "AutoRound fp32"}  # no seed repeats, no other tools
+    # no seed repeats, no other tools; AutoScheme with sym + alg_ext is its own curve
+    assert set(curves) == {"AutoRound AutoScheme", "AutoRound AutoScheme sym + alg_ext", "AutoRound fp32"}
     assert curves["AutoRound AutoScheme"] == [{"avg_bits": 2.096, "wikitext2_ppl": 63.1, "c4_ppl": 252.4}]
+    assert curves["AutoRound AutoScheme sym + alg_ext"][0]["wikitext2_ppl"] == 62.9
     assert frontier.main(["--budgets", "2.1", "--out", str(out), "--compare", f"paper={other}", "--peers",
                           str(bench)]) == 0  # the row is read back, nothing recomputed
     assert (out / "frontier.png").stat().st_size > 0 and "| 2.100 |" in capsys.readouterr().out

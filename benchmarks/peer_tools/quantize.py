@@ -7,6 +7,8 @@ Runs inside a peer venv made by benchmarks/peer_tools/setup.sh (it does not impo
     .venv-peers-autoround/bin/python benchmarks/peer_tools/quantize.py --method autoround ...
         --bits B --group-size G|none --calibration <out>/calibration.pt --model <path> --out <dir>
         [--amp on|off] [--seed S] [--iters N]       # AutoRound: bf16 autocast (its CPU default) or fp32, ...
+        [--sym] [--alg-ext]                         # AutoRound: symmetric grid (its W2A16 default), and its
+                                                    # enable_alg_ext (SignRoundV2), the README's W2A16 advice
     .venv-peers-autoround/bin/python benchmarks/peer_tools/quantize.py --method autoround-scheme \
         --avg-bits 2.10 --scheme-bits 2 3 --group-size none ...   # AutoRound's own mixed precision (AutoScheme)
 
@@ -132,15 +134,19 @@ def _calibration_jsonl(tokenizer, calib: torch.Tensor, path: Path) -> None:
 
 def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: int | None, out: Path,
                        amp: bool | None = None, seed: int | None = None, iters: int | None = None,
-                       avg_bits: float | None = None, scheme_bits: tuple[int, ...] = ()):
+                       avg_bits: float | None = None, scheme_bits: tuple[int, ...] = (), sym: bool = False,
+                       alg_ext: bool = False):
     """AutoRound(...).quantize_and_save(format="fake"): the tool's own export of QDQ (dequantised) weights.
 
-    ``avg_bits`` set: mixed precision by AutoRound's own AutoScheme over ``scheme_bits`` at this grouping."""
+    ``avg_bits`` set: mixed precision by AutoRound's own AutoScheme over ``scheme_bits`` at this grouping.
+    ``sym``: AutoRound's symmetric grid (its own W2A16 default; no zero point) instead of hiq's asymmetric one.
+    ``alg_ext``: ``enable_alg_ext=True`` (SignRoundV2: an init-scale search and an outlier-suppressed loss, which in
+    auto-round 0.16.1 apply to symmetric int grids only), the tool's advice for W2A16 with auto-round-best."""
     from auto_round import AutoRound
     from safetensors.torch import load_file
 
     gs = -1 if group is None else group
-    kwargs = dict(bits=bits, group_size=gs, sym=False,
+    kwargs = dict(bits=bits, group_size=gs, sym=sym,
                   dataset=[row.unsqueeze(0) for row in calib], nsamples=calib.shape[0], seqlen=calib.shape[1],
                   device_map="cpu")
     if amp is not None:
@@ -149,7 +155,11 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
         kwargs["seed"] = seed
     if iters is not None:
         kwargs["iters"] = iters
-    notes = ["asymmetric (sym=False)"]
+    if alg_ext:
+        kwargs["enable_alg_ext"] = True
+    notes = ["symmetric (sym=True)" if sym else "asymmetric (sym=False)"]
+    if alg_ext:
+        notes.append("enable_alg_ext=True (SignRoundV2 extension)")
     if amp is False:
         notes.append("fp32 tuning (amp=False)")
     scheme_repr = None
@@ -157,7 +167,7 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
         from auto_round import AutoScheme
         from auto_round.schemes import QuantizationScheme
 
-        options = tuple(QuantizationScheme(bits=b, group_size=gs, sym=False, data_type="int") for b in scheme_bits)
+        options = tuple(QuantizationScheme(bits=b, group_size=gs, sym=sym, data_type="int") for b in scheme_bits)
         scheme = AutoScheme(avg_bits=avg_bits, options=options, ignore_scale_zp_bits=True,
                             nsamples=calib.shape[0], seqlen=calib.shape[1])
         tokenizer.add_bos_token = False  # the windows carry no BOS; see _calibration_jsonl
@@ -166,7 +176,7 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
         for k in ("bits", "group_size", "sym"):
             kwargs.pop(k)
         kwargs.update(scheme=scheme, dataset=str(jsonl))
-        scheme_repr = {"avg_bits": avg_bits, "options": [f"W{b}A16 group_size={gs} sym=False int" for b in scheme_bits],
+        scheme_repr = {"avg_bits": avg_bits, "options": [f"W{b}A16 group_size={gs} sym={sym} int" for b in scheme_bits],
                        "ignore_scale_zp_bits": True, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
                        "method": scheme.method}
         notes.append(f"AutoScheme avg_bits={avg_bits} over W{'/W'.join(map(str, scheme_bits))}A16, scale/zero bits "
@@ -188,7 +198,8 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
         ar = AutoRound(model, tokenizer, **kwargs)
         ar.quantize_and_save(output_dir=str(fake_dir), format="fake")  # writes <fake_dir>/<model name>-w<b>a16/
         for attr in ("iters", "lr", "minmax_lr", "batch_size", "enable_minmax_tuning", "amp", "amp_dtype",
-                     "scale_dtype", "data_type", "enable_quanted_input", "enable_torch_compile", "seed"):
+                     "scale_dtype", "data_type", "enable_quanted_input", "enable_torch_compile", "seed",
+                     "enable_alg_ext", "sym"):
             value = getattr(ar, attr, None)
             if value is not None:
                 options[attr] = value if isinstance(value, (int, float, bool, str)) else str(value)
@@ -278,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="AutoRound: on = bf16 autocast (its CPU default), off = fp32 (amp=False); unset = default")
     p.add_argument("--seed", type=int, default=None, help="AutoRound's seed (unset: its default, 42)")
     p.add_argument("--iters", type=int, default=None, help="AutoRound's steps per block (unset: its default, 200)")
+    p.add_argument("--sym", action="store_true",
+                   help="AutoRound: symmetric grid (its W2A16 default; hiq's is asymmetric)")
+    p.add_argument("--alg-ext", action="store_true",
+                   help="AutoRound: enable_alg_ext=True (SignRoundV2; 0.16.1 applies it to symmetric int grids)")
     p.add_argument("--avg-bits", type=float, default=None, help="autoround-scheme: AutoScheme's avg_bits (code bits)")
     p.add_argument("--scheme-bits", type=int, nargs="+", default=[2, 3],
                    help="autoround-scheme: the bit widths AutoScheme chooses from (same grouping)")
@@ -305,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         scheme = args.method == "autoround-scheme"
         deq, options, notes, tool, fake_state, reused, layer_bits = quantize_autoround(
             model, tokenizer, calib, args.bits, group, out, amp=amp, seed=args.seed, iters=args.iters,
-            avg_bits=args.avg_bits if scheme else None, scheme_bits=tuple(args.scheme_bits) if scheme else ())
+            avg_bits=args.avg_bits if scheme else None, scheme_bits=tuple(args.scheme_bits) if scheme else (),
+            sym=args.sym, alg_ext=args.alg_ext)
         qmodel = None
     else:
         deq, options, notes, tool = quantize_hqq(model, args.bits, group)
