@@ -52,6 +52,9 @@ def run_budget(config: str, budget: float, out: Path, first: Path | None, option
 #: peer_table.py's uniform AutoRound rows drawn by --peers (AutoScheme rows: autoround-scheme-<B>)
 UNIFORM_PEERS = {"autoround": "AutoRound (CPU default)", "autoround-fp32": "AutoRound fp32",
                  "autoround-ext": "AutoRound fp32 sym + alg_ext"}
+#: AutoScheme rows with AutoRound's W2A16 advice (sym + enable_alg_ext), each its own curve
+SCHEME_VARIANTS = {"autoround-scheme-ext-": "AutoRound AutoScheme sym + alg_ext",
+                   "autoround-scheme-best-ext-": "AutoRound AutoScheme best + sym + alg_ext"}
 
 
 def peer_points(bench: Path) -> dict[str, list[dict]]:
@@ -59,9 +62,8 @@ def peer_points(bench: Path) -> dict[str, list[dict]]:
     curves: dict[str, list[dict]] = {}
     for d in sorted(bench.iterdir()):
         scheme = d.name.startswith("autoround-scheme-") and "seed" not in d.name  # seed repeats left out
-        ext = d.name.startswith("autoround-scheme-ext-")  # AutoRound's W2A16 advice: sym + enable_alg_ext
-        label = ("AutoRound AutoScheme sym + alg_ext" if ext else "AutoRound AutoScheme") if scheme \
-            else UNIFORM_PEERS.get(d.name)
+        variant = next((v for p, v in SCHEME_VARIANTS.items() if d.name.startswith(p)), "AutoRound AutoScheme")
+        label = variant if scheme else UNIFORM_PEERS.get(d.name)
         if label is None or not ((d / "eval.json").is_file() and (d / "grid.json").is_file()):
             continue
         ev = json.loads((d / "eval.json").read_text())

@@ -22,6 +22,7 @@ Rows per setting (configs/tiny/<setting>.yaml gives bits = ``quant.bits`` and ``
   autoround-scheme-ext  the same with AutoRound's W2A16 advice (sym=True + enable_alg_ext=True; the SignRoundV2
                     paper's recipe: "turn on enable_alg_ext and use the AutoScheme API"), cached as
                     autoround-scheme-ext-<B>
+  autoround-scheme-best-ext  the same at auto-round-best's 1000 steps on its 512 windows
   hiq-lwc     hiq fit with ratios fixed at 0, LWC only (the tool at the peers' bits)
   hiq         hiq fit, the method (optimal ratios + AdaRound/LWC hybrid) at its own budget
 
@@ -80,18 +81,25 @@ QUANTIZE = ROOT / "benchmarks" / "peer_tools" / "quantize.py"
 PEER_VENVS = {"gptq": ".venv-peers", "awq": ".venv-peers", "hqq": ".venv-peers", "autoround": ".venv-peers-autoround",
               "autoround-fp32": ".venv-peers-autoround", "autoround-best": ".venv-peers-autoround",
               "autoround-scheme": ".venv-peers-autoround", "autoround-ext": ".venv-peers-autoround",
-              "autoround-best-ext": ".venv-peers-autoround", "autoround-scheme-ext": ".venv-peers-autoround"}
+              "autoround-best-ext": ".venv-peers-autoround", "autoround-scheme-ext": ".venv-peers-autoround",
+              "autoround-scheme-best-ext": ".venv-peers-autoround"}
 
 PEERS = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-ext", "autoround-best-ext",
-         "autoround-scheme", "autoround-scheme-ext", "hqq")
+         "autoround-scheme", "autoround-scheme-ext", "autoround-scheme-best-ext", "hqq")
 # quantize.py options of the AutoRound variants (the seed is added from --autoround-seed)
 AUTOROUND_VARIANTS = {"autoround-fp32": ["--amp", "off"], "autoround-best": ["--amp", "off", "--iters", "1000"],
                       "autoround-ext": ["--amp", "off", "--sym", "--alg-ext"],
                       "autoround-best-ext": ["--amp", "off", "--iters", "1000", "--sym", "--alg-ext"],
                       "autoround-scheme": ["--amp", "off"],
-                      "autoround-scheme-ext": ["--amp", "off", "--sym", "--alg-ext"]}
-SCHEMES = ("autoround-scheme", "autoround-scheme-ext")  # AutoScheme rows: one per --budgets B
-USES_BEST_CALIBRATION = ("autoround-best", "autoround-best-ext")  # auto-round-best's 512 windows
+                      "autoround-scheme-ext": ["--amp", "off", "--sym", "--alg-ext"],
+                      # one of the 512 windows' 262,144 tokens does not survive decode -> tokenize (the text
+                      # dataset AutoScheme needs): allowed, and counted in the row's notes
+                      "autoround-scheme-best-ext": ["--amp", "off", "--iters", "1000", "--sym", "--alg-ext",
+                                                    "--max-token-mismatch", "8"]}
+# AutoScheme rows: one per --budgets B
+SCHEMES = ("autoround-scheme", "autoround-scheme-ext", "autoround-scheme-best-ext")
+# auto-round-best's 512 windows
+USES_BEST_CALIBRATION = ("autoround-best", "autoround-best-ext", "autoround-scheme-best-ext")
 BEST_NSAMPLES = 512  # auto-round-best's nsamples (auto_round/cli/main.py RECIPES["best"])
 METHODS = ("rtn", *PEERS, "hiq-lwc", "hiq", "hiq-sr", "hiq-sr-opt")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in AUTOROUND_VARIANTS)  # the variants are opt-in (--methods)
@@ -107,6 +115,8 @@ LABELS = {
                           "amp=False)",
     "autoround-scheme": "AutoRound AutoScheme (auto-round, mixed bits, amp=False)",
     "autoround-scheme-ext": "AutoRound AutoScheme + sym + enable_alg_ext (auto-round, mixed bits, amp=False)",
+    "autoround-scheme-best-ext": "AutoRound AutoScheme + best recipe + sym + enable_alg_ext (auto-round, mixed bits, "
+                                 "iters 1000, nsamples 512, amp=False)",
     "hqq": "HQQ (hqq)",
     "hiq-lwc": "hiq LWC-only (paper preset)",
     "hiq": "hiq, paper preset",
@@ -124,7 +134,7 @@ _ABLATION = {name: options for name, _, options in __import__("ablation").FIT_RO
 HIQ_FIT_ROWS = {method: (row, _cli(_ABLATION[row])) for method, row in
                 (("hiq-lwc", "lwc"), ("hiq", "ours"), ("hiq-sr", "sr"), ("hiq-sr-opt", "sr-optimal"))}
 CALIBRATED = ("gptq", "awq", "autoround", "autoround-fp32", "autoround-best", "autoround-ext", "autoround-best-ext",
-              "autoround-scheme", "autoround-scheme-ext", "hiq-lwc", "hiq",
+              "autoround-scheme", "autoround-scheme-ext", "autoround-scheme-best-ext", "hiq-lwc", "hiq",
               "hiq-sr", "hiq-sr-opt")  # rtn and hqq use no data
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -522,7 +532,8 @@ def render_matched(rows: list[dict], frontiers: dict[str, str], fp: tuple[float,
         if r.get("method") not in SCHEMES or r.get("error") or r["setting"] not in frontiers:
             continue
         run = Path(frontiers[r["setting"]]) / f"{r['budget']:.3f}"
-        setting = r["setting"] + (" (AR sym + alg_ext)" if r["method"] == "autoround-scheme-ext" else "")
+        setting = r["setting"] + {"autoround-scheme-ext": " (AR sym + alg_ext)",
+                                  "autoround-scheme-best-ext": " (AR best + sym + alg_ext)"}.get(r["method"], "")
         if not (run / "metrics.json").is_file():
             lines.append(f"| {setting} | {r['budget']:.2f} | (no hiq run at {_rel(run)}) | {r['avg_bits']:.3f} "
                          f"| - | "
@@ -556,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="configs/tiny/<setting>.yaml (w2, w2-g128, w2-g64, w3, w3-g128, w3-g64)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
                    help="default: every method but the opt-in AutoRound variants (autoround-fp32, autoround-best, "
-                        "autoround-ext, autoround-best-ext, autoround-scheme, autoround-scheme-ext)")
+                        "autoround-ext, autoround-best-ext, autoround-scheme, autoround-scheme-ext, "
+                        "autoround-scheme-best-ext)")
     p.add_argument("--out", default="runs/bench", help="cache: <out>/<setting>/<method>/")
     p.add_argument("--reuse", default=None, help="copy finished <reuse>/<setting>/{lwc,ours} hiq runs and "
                                                  "<reuse>/<setting>/rtn.json (e.g. runs/ablation, written by "

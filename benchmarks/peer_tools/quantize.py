@@ -115,27 +115,32 @@ def quantize_llmcompressor(method: str, model, tokenizer, calib: torch.Tensor, b
 
 
 # ------------------------------------------------------------------------------------------- auto-round
-def _calibration_jsonl(tokenizer, calib: torch.Tensor, path: Path) -> None:
+def _calibration_jsonl(tokenizer, calib: torch.Tensor, path: Path, max_mismatch: int = 0) -> int:
     """The windows as decoded text, one JSON line each, for AutoRound's local-file dataset loader (the only
     dataset form AutoScheme's scorer takes). The caller has switched BOS off; every line must re-tokenise to
-    exactly its window (truncated at seqlen), else the run stops rather than calibrate on other tokens."""
-    lines, seqlen = [], calib.shape[1]
+    exactly its window (truncated at seqlen), else the run stops rather than calibrate on other tokens — unless
+    at most ``max_mismatch`` tokens differ over all windows (same lengths). Returns the number that differ."""
+    lines, seqlen, differ = [], calib.shape[1], 0
     for i, row in enumerate(calib):
         ids = row.tolist()
         text = tokenizer.decode(ids)
         back = tokenizer(text, truncation=True, max_length=seqlen)["input_ids"]
         if back != ids:
-            raise RuntimeError(f"calibration window {i} does not survive decode -> tokenize "
-                               f"({sum(a != b for a, b in zip(back, ids, strict=False))} of {seqlen} tokens differ, "
-                               f"{len(back)} tokens back); AutoScheme would calibrate on other tokens")
+            n = sum(a != b for a, b in zip(back, ids, strict=False)) + abs(len(back) - len(ids))
+            differ += n
+            if len(back) != len(ids) or differ > max_mismatch:
+                raise RuntimeError(f"calibration window {i} does not survive decode -> tokenize ({n} of {seqlen} "
+                                   f"tokens differ, {len(back)} tokens back; {differ} so far, "
+                                   f"--max-token-mismatch {max_mismatch}); AutoScheme would calibrate on other tokens")
         lines.append(json.dumps({"text": text}))
     path.write_text("\n".join(lines) + "\n")
+    return differ
 
 
 def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: int | None, out: Path,
                        amp: bool | None = None, seed: int | None = None, iters: int | None = None,
                        avg_bits: float | None = None, scheme_bits: tuple[int, ...] = (), sym: bool = False,
-                       alg_ext: bool = False):
+                       alg_ext: bool = False, max_token_mismatch: int = 0):
     """AutoRound(...).quantize_and_save(format="fake"): the tool's own export of QDQ (dequantised) weights.
 
     ``avg_bits`` set: mixed precision by AutoRound's own AutoScheme over ``scheme_bits`` at this grouping.
@@ -172,7 +177,7 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
                             nsamples=calib.shape[0], seqlen=calib.shape[1])
         tokenizer.add_bos_token = False  # the windows carry no BOS; see _calibration_jsonl
         jsonl = out / "calib.jsonl"
-        _calibration_jsonl(tokenizer, calib, jsonl)
+        differ = _calibration_jsonl(tokenizer, calib, jsonl, max_token_mismatch)
         for k in ("bits", "group_size", "sym"):
             kwargs.pop(k)
         kwargs.update(scheme=scheme, dataset=str(jsonl))
@@ -181,7 +186,8 @@ def quantize_autoround(model, tokenizer, calib: torch.Tensor, bits: int, group: 
                        "method": scheme.method}
         notes.append(f"AutoScheme avg_bits={avg_bits} over W{'/W'.join(map(str, scheme_bits))}A16, scale/zero bits "
                      f"excluded (ignore_scale_zp_bits=True); calibration as calib.jsonl (decoded windows, BOS off, "
-                     f"re-tokenised identically)")
+                     + ("re-tokenised identically)" if differ == 0 else
+                        f"re-tokenised: {differ} of {calib.numel()} tokens differ from the windows)"))
     fake_dir = out / "autoround-fake"
     timing = fake_dir / "timing.json"  # written right after the export, so a later failure can resume from it
     options = {k: v for k, v in kwargs.items() if k not in ("dataset", "scheme")}
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="AutoRound: symmetric grid (its W2A16 default; hiq's is asymmetric)")
     p.add_argument("--alg-ext", action="store_true",
                    help="AutoRound: enable_alg_ext=True (SignRoundV2; 0.16.1 applies it to symmetric int grids)")
+    p.add_argument("--max-token-mismatch", type=int, default=0,
+                   help="autoround-scheme: tokens of the re-tokenised text windows allowed to differ (default 0)")
     p.add_argument("--avg-bits", type=float, default=None, help="autoround-scheme: AutoScheme's avg_bits (code bits)")
     p.add_argument("--scheme-bits", type=int, nargs="+", default=[2, 3],
                    help="autoround-scheme: the bit widths AutoScheme chooses from (same grouping)")
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         deq, options, notes, tool, fake_state, reused, layer_bits = quantize_autoround(
             model, tokenizer, calib, args.bits, group, out, amp=amp, seed=args.seed, iters=args.iters,
             avg_bits=args.avg_bits if scheme else None, scheme_bits=tuple(args.scheme_bits) if scheme else (),
-            sym=args.sym, alg_ext=args.alg_ext)
+            sym=args.sym, alg_ext=args.alg_ext, max_token_mismatch=args.max_token_mismatch)
         qmodel = None
     else:
         deq, options, notes, tool = quantize_hqq(model, args.bits, group)
