@@ -127,3 +127,34 @@ def test_rtn_row_table_plumbing(tmp_path, capsys):
     assert peers.main(argv) == 0
     assert (out / "w2-g64" / "rtn" / "eval.json").stat().st_mtime == mtime
     assert capsys.readouterr().out == table
+
+
+def test_autoscheme_text_windows_must_tokenise_back(tmp_path):
+    """AutoScheme takes text: every window must re-tokenise to itself; a window that does not is refused (a change of
+    length always; a same-length change only up to --max-token-mismatch, and counted)."""
+    from transformers import AutoTokenizer
+
+    from hiq.data import load_text
+
+    quantize = load_benchmark("peer_tools/quantize")
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    tok.add_bos_token = False
+    ids = tok(load_text("wikitext2", "test").text[:20_000], add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[: 4 * 128]).reshape(4, 128)
+    path = tmp_path / "calib.jsonl"
+    assert quantize._calibration_jsonl(tok, windows, path) == 0
+    lines = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert len(lines) == 4 and all(tok(t)["input_ids"] == w.tolist() for t, w in zip(lines, windows, strict=True))
+    split = windows.clone()
+    for j, t in enumerate(tok.convert_ids_to_tokens(windows[1].tolist())):  # a token spelled out in smaller tokens
+        pieces = [tok.convert_tokens_to_ids(c) for c in t]
+        if len(t) > 2 and tok.unk_token_id not in pieces and j + len(pieces) < windows.shape[1]:
+            split[1, j:j + len(pieces)] = torch.tensor(pieces)
+            break
+    assert not torch.equal(split, windows)
+    with pytest.raises(RuntimeError, match="calibration window 1 does not survive decode -> tokenize"):
+        quantize._calibration_jsonl(tok, split, path)  # by default no token may differ
+    try:  # allowed differences are counted; a change of length is refused whatever the allowance
+        assert quantize._calibration_jsonl(tok, split, path, max_mismatch=10_000) > 0
+    except RuntimeError as err:
+        assert "128 tokens back" not in str(err)
