@@ -36,6 +36,7 @@ integers.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ __all__ = [
     "pack_layer",
     "packed_average_bits",
     "packed_tensor_specs",
+    "prepare_kernels",
     "register",
     "save_packed",
 ]
@@ -164,7 +166,7 @@ class PackedLinear(nn.Module):
 
     def permutation(self) -> torch.Tensor:
         """Original column of each stored column: high-impact columns, then the others in original order."""
-        device = self.normal_codes.device if self.n_high < self.in_features else self.high_index.device
+        device = self.normal_scale.device if self.n_high < self.in_features else self.high_index.device
         if not self.n_high:
             return torch.arange(self.in_features, device=device)
         high = self.high_index.long()
@@ -200,6 +202,11 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(out, in)`` weight in original column order, built ``ROWS_PER_STEP`` rows at a time (the float32
         values are exact: integer codes times float16 scales; then cast to ``dtype``)."""
+        if self.kernel_ready:
+            from hiq import kernels
+
+            return kernels.dequantized_weight(self._kernel_parts(), kernels.cpu_layout(), self.in_features,
+                                              self.out_features, dtype)
         parts = [(p, w, b) for p, (w, b) in _part_widths(self.geometry).items() if w]
         perm = self.permutation()
         ref = getattr(self, f"{parts[0][0]}_scale")
@@ -212,9 +219,75 @@ class PackedLinear(nn.Module):
             weight[rows] = torch.empty_like(stored).index_copy_(1, perm, stored).to(dtype)
         return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # --- the kernel path (hiq.kernels) -------------------------------------------------------------------------
+
+    #: True once :meth:`prepare_kernel` converted the layer to the int4 kernel's layout.
+    kernel_ready = False
+
+    def prepare_kernel(self) -> str | None:
+        """Convert the packed buffers once to the int4 kernel's layout (:mod:`hiq.kernels`) and drop the bit-packed
+        codes; returns None, or why the layer keeps the dequantising path (it then stays as loaded)."""
+        from hiq import kernels
+
+        if self.kernel_ready:
+            return None
+        reason = kernels.kernel_unsupported_reason(self.geometry)
+        device = self.high_index.device if self.n_high else self.normal_scale.device
+        if reason is None and device.type != "cpu":
+            reason = f"its buffers are on {device} (the kernel layout is prepared on CPU; load, then move)"
+        if reason is not None:
+            return reason
+        perm = self.permutation()
+        columns = {"high": perm[:self.n_high], "normal": perm[self.n_high:]}
+        for part, (width, bits) in _part_widths(self.geometry).items():
+            if not width:
+                continue
+            scale = getattr(self, f"{part}_scale")
+            zero = unpack_codes(getattr(self, f"{part}_zero"), bits, scale.numel()).view(self.out_features, -1)
+            codes = unpack_codes(getattr(self, f"{part}_codes"), bits, self.out_features * width)
+            widths = group_widths(width, self.group_size)
+            prepared = kernels.prepare_part(codes.view(self.out_features, width), scale, zero, bits, columns[part],
+                                            widths, kernels.kernel_group_size(width, self.group_size))
+            del codes
+            delattr(self, f"{part}_codes")
+            delattr(self, f"{part}_zero")
+            self.register_buffer(f"{part}_columns", prepared.columns)
+            self.register_buffer(f"{part}_qweight", prepared.qweight)
+            self.register_buffer(f"{part}_scale_zero", prepared.scale_zero)
+            self.register_buffer(f"{part}_offset", prepared.offset)
+            setattr(self, f"_{part}_meta", (prepared.widths, prepared.kernel_group))
+        self.kernel_ready = True
+        return None
+
+    def _kernel_parts(self):
+        from hiq.kernels import Int4Part
+
+        parts = []
+        for part, (width, _) in _part_widths(self.geometry).items():
+            if width:
+                widths, group = getattr(self, f"_{part}_meta")
+                parts.append(Int4Part(columns=getattr(self, f"{part}_columns"),
+                                      qweight=getattr(self, f"{part}_qweight"),
+                                      scale_zero=getattr(self, f"{part}_scale_zero"),
+                                      scale=getattr(self, f"{part}_scale"), offset=getattr(self, f"{part}_offset"),
+                                      widths=widths, kernel_group=group))
+        return parts
+
+    def resident_bytes(self) -> int:
+        """Bytes of the layer's tensors as held in memory now (buffers and bias)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers()) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        if not self.kernel_ready:
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        from hiq import kernels
+
+        if mode is None and x.device.type != "cpu":  # the CPU kernel only runs on CPU; the other paths anywhere
+            mode = "exact" if x.dtype == torch.float32 else "dequant-gemm"
+        return kernels.int4_linear(x, self._kernel_parts(), kernels.cpu_layout(), self.in_features,
+                                   self.out_features, bias, mode)
 
 
 def write_model_files(directory: Path, model: nn.Module, quantization_config: dict, dtype: torch.dtype,
@@ -293,6 +366,26 @@ def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path,
         write_model_files(tmp, model, config.to_dict(), dtype, tokenizer)
         write_manifest(tmp, {"format_version": FORMAT_VERSION, **(info or {})})
     return out_dir
+
+
+def prepare_kernels(model: nn.Module) -> dict[str, str]:
+    """Convert every :class:`PackedLinear` of a loaded model to the int4 kernel's layout (done by
+    ``from_pretrained``); returns ``{layer: why it keeps the dequantising path}`` and warns once, naming them."""
+    fallback: dict[str, str] = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    for name, module in layers:
+        reason = module.prepare_kernel()
+        if reason is not None:
+            fallback[name] = reason
+    if fallback:
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in fallback.items():
+            by_reason.setdefault(reason, []).append(name)
+        detail = "; ".join(f"{reason}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)})"
+                           for reason, names in by_reason.items())
+        warnings.warn(f"hiq: {len(fallback)} of {len(layers)} packed layers keep the dequantising path (slower: "
+                      f"the float weight is rebuilt at every call) because {detail}", stacklevel=2)
+    return fallback
 
 
 def packed_average_bits(model: nn.Module) -> tuple[float, float, int] | None:
@@ -457,6 +550,7 @@ class HiQHfQuantizer(_hf_quantizer_base()):
                 for key, buf in module.named_buffers(recurse=False):
                     if buf.device.type == "meta":
                         raise PackedFormatError(f"{name}.{key} was not loaded from the checkpoint")
+        prepare_kernels(model)
         return model
 
     def is_serializable(self, *args, **kwargs):
