@@ -36,6 +36,7 @@ integers.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -131,6 +132,21 @@ def pack_layer(record: dict) -> dict[str, torch.Tensor]:
         out[f"{part}_scale"] = half.contiguous()
         out[f"{part}_zero"] = pack_codes(zero.round().to(torch.int32), bits)
     return out
+
+
+#: Read by a loader that does not know ``quant_method: hiq`` (transformers without ``import hiq``), which would
+#: otherwise skip the quantization config and return randomly initialised linears with a warning.
+GUARD_MESSAGE = "hiq packed checkpoint: run `import hiq` before from_pretrained (pip install hiq)"
+GUARD_KEY = "hiq_packed_checkpoint.run_import_hiq_before_from_pretrained"
+
+
+def load_guard(first_layer: str) -> dict[str, torch.Tensor]:
+    """Two tensors that make a load without hiq registered fail instead of returning a wrong model: ``<first
+    layer>.weight`` as the message's bytes (a size mismatch with the float weight the model expects, which
+    transformers refuses) and :data:`GUARD_KEY` (listed in transformers' load report, naming the fix). hiq's
+    quantizer ignores both."""
+    message = torch.tensor(list(GUARD_MESSAGE.encode()), dtype=torch.uint8)
+    return {f"{first_layer}.weight": message, GUARD_KEY: message.clone()}
 
 
 class PackedLinear(nn.Module):
@@ -354,6 +370,7 @@ def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path,
             tensors[f"{name}.bias"] = module.bias.detach().to(dtype).contiguous()
         skip.update({f"{name}.weight", f"{name}.bias"})
     tensors.update(unquantized_tensors(model, skip, dtype))
+    tensors.update(load_guard(next(iter(records))))
 
     with staged_directory(out_dir) as tmp:
         # one metadata key: safetensors writes a metadata dict in hash order, so more keys would make the bytes
@@ -530,6 +547,9 @@ class HiQHfQuantizer(_hf_quantizer_base()):
         if files:
             check_checkpoint(Path(files[0]).parent, self.quantization_config, files)
         modules = dict(model.named_modules())
+        # the load guard (:func:`load_guard`): PackedLinear has no ``weight``, so both tensors are unexpected keys
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            rf"^{re.escape(GUARD_KEY)}$", *(rf"^{re.escape(n)}\.weight$" for n in self.quantization_config.layers)}
         for name, geometry in self.quantization_config.layers.items():
             old = modules.get(name)
             if old is None or not hasattr(old, "weight"):
