@@ -284,14 +284,9 @@ class RTNOptions:
 
 def _prequantized_method(path: str) -> str | None:
     """``quant_method`` of a checkpoint's ``config.json`` (None: not quantized, or not a local directory)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        qc = json.loads(config.read_text()).get("quantization_config")
-    except ValueError as err:
-        raise ValueError(f"{config}: not valid JSON ({err})") from None
-    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+    from hiq.model import _quant_method
+
+    return _quant_method(path)
 
 
 def evaluate(

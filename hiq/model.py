@@ -55,6 +55,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _quant_method(resolved: str) -> str | None:
+    """``quant_method`` of a local checkpoint's ``quantization_config`` (None: none, or not a local directory)."""
+    import json
+
+    config = Path(resolved) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except ValueError as err:
+        raise ModelLoadError(f"{config}: not valid JSON ({err})") from None
+    return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -65,10 +79,17 @@ def load_model_and_tokenizer(
 
     resolved = resolve_model_path(name_or_path)
     torch_dtype = parse_dtype(dtype)
+    extra = {}
+    if _quant_method(resolved) == "compressed-tensors":
+        # hiq's compressed-tensors export (asymmetric, packed zero points) loads through transformers decompressed
+        # to float weights; its compressed path expects unpacked zero points (see docs on deployment)
+        from transformers import CompressedTensorsConfig
+
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            resolved, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except OSError as err:
         raise ModelLoadError(

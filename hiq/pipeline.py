@@ -574,10 +574,11 @@ def _install_full(job: Job, records: dict[str, dict]) -> None:
 
 def _export_dequantized(job: Job, target: Path, key: str, options: ExportOptions) -> None:
     from hiq.model import parse_dtype
+    from hiq.quant.bits import stored_dtype
 
     model = job.model
     original = next(model.parameters()).dtype
-    dtype = parse_dtype(options.dtype) if options.dtype else original
+    dtype = parse_dtype(options.dtype) if options.dtype else stored_dtype(model)  # the source's dtype by default
     with staged_directory(target) as tmp:
         model.to(dtype)
         try:

@@ -384,8 +384,8 @@ class ExportOptions:
             checkpoint, :mod:`hiq.packed`), ``dequantized`` (``model/``: float weights, loads anywhere) and
             ``compressed-tensors`` (``compressed-tensors/``: the ``pack-quantized`` layout vLLM and transformers
             load; runs whose every layer has one bit width only, :mod:`hiq.compressed`).
-        dtype: dtype of the dequantised weights; null = the dtype the model was quantized in. (Unquantized tensors
-            of the packed formats keep the source checkpoint's dtype.)
+        dtype: dtype of ``model/`` (the dequantised weights); null = the dtype the source checkpoint stores (e.g.
+            float16 for a float16 model quantized in float32). Unquantized tensors of the packed formats keep it too.
         enabled: run the export stage (off: write nothing).
     """
 

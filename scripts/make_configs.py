@@ -134,7 +134,7 @@ reconstruction:
   tune_batch_size: {tune_batch:<12}# calibration windows per tuning step, over all processes
 export:
   formats: [packed, dequantized]  # packed/ (deployable, bit-packed codes) | model/ (dequantised) | compressed-tensors
-  dtype: {export_dtype}                  # dtype of model/ (null = the quantizing dtype)
+  dtype: {export_dtype}                  # dtype of model/ (null = the source checkpoint's dtype)
   enabled: true
 evaluation:
   datasets: [wikitext2, c4]    # WikiText-2 test; C4 = the bundled validation sample (256 windows)

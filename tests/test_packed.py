@@ -207,6 +207,23 @@ def test_compressed_tensors_decompress_bit_exactly(tiny_copy, tmp_path, group_si
     assert torch.equal(loaded.get_submodule(name).weight, dequantize_record(record).half())
 
 
+def test_hiq_commands_load_the_compressed_tensors_export(tiny_copy, tmp_path, capsys):
+    """hiq eval / hiq generate / the API take every format hiq exports, compressed-tensors included."""
+    from hiq.api import evaluate
+    from hiq.compressed import save_compressed_tensors
+    from hiq.recipe import EvaluationOptions
+
+    model, tokenizer = tiny_copy
+    records = quantized_records(model, 128, ratios=(0.0,), quantizers=("signround",))
+    out = save_compressed_tensors(model, records, tmp_path / "ct", tokenizer=tokenizer)
+    ev = EvaluationOptions(datasets=["wikitext2"], seqlen=64, max_windows=4)
+    ref = evaluate(model.half().float(), tokenizer, evaluation=ev)
+    got = evaluate(str(out), evaluation=ev)
+    assert got["wikitext2_ppl"] == pytest.approx(ref["wikitext2_ppl"], rel=1e-4)
+    assert main(["generate", f"--model.path={out}", "--prompt", "The", "--max_new_tokens=5"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 0
+
+
 def test_compressed_tensors_refuses_mixed_layers(tiny_copy, tmp_path):
     from hiq.compressed import save_compressed_tensors
 
