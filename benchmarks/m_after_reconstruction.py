@@ -164,14 +164,15 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
     test_idx = list(range(args.fit_windows, args.fit_windows + args.test_windows))
     m_inputs, fit_inputs, test_inputs = (_subset(inputs, fit_idx[: args.m_windows]), _subset(inputs, fit_idx),
                                          _subset(inputs, test_idx))
-    m_rtn, _, _ = gram_matrix(block, m_inputs, linears, rtn_weights)
+    m_rtn, _, _ = gram_matrix(block, m_inputs, linears, lambda i, m: rtn_weights[i][m], k)
     m_pairs = measure_block(block, m_inputs, scores, settings, method="pairs")["matrix"]
-    m_more, _, _ = gram_matrix(block, _subset(inputs, fit_idx[: 4 * args.m_windows]), linears, rtn_weights)
+    m_more, _, _ = gram_matrix(block, _subset(inputs, fit_idx[: 4 * args.m_windows]), linears,
+                                lambda i, m: rtn_weights[i][m], k)
     xs = layer_inputs(block, m_inputs, linears)
     print(f"[block {b}] learned deltas for {len(linears)} x {k} (layer, ratio) pairs", file=sys.stderr, flush=True)
     learned = [[learned_weight(lin, xs[lin], scores[name], r, q, args.layer_steps) for r in settings.candidates]
                for name, lin in zip(names, linears, strict=True)]
-    m_learned, _, _ = gram_matrix(block, m_inputs, linears, learned)
+    m_learned, _, _ = gram_matrix(block, m_inputs, linears, lambda i, m: learned[i][m], k)
     with torch.no_grad():
         fit_targets = block_outputs(block, fit_inputs)
         test_targets = block_outputs(block, test_inputs)

@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,22 +93,39 @@ class BlockLoss:
         return total / self.n_samples
 
 
-def quantized_candidates(
-    block: nn.Module, scores: dict[str, torch.Tensor], settings: SensitivitySettings
-) -> tuple[list[str], list[nn.Linear], list[list[torch.Tensor]]]:
-    """For every linear of the block and every candidate ratio, the mixed-precision fake-quantised weight."""
-    names, linears, weights = [], [], []
+def candidate_weight(lin: nn.Linear, scores: torch.Tensor, ratio: float, settings: SensitivitySettings) -> torch.Tensor:
+    """The mixed-precision fake-quantised weight of one linear with its top ``ratio`` columns at ``bits_high``."""
+    return mixed_fake_quant(lin.weight.data, scores, ratio, settings.bits_high, settings.bits_low,
+                            settings.group_size).to(lin.weight.dtype)
+
+
+def candidate_weights(lin: nn.Linear, scores: torch.Tensor, settings: SensitivitySettings) -> list[torch.Tensor]:
+    """:func:`candidate_weight` for every candidate ratio."""
+    return [candidate_weight(lin, scores, r, settings) for r in settings.candidates]
+
+
+def block_layers(block: nn.Module, scores: dict[str, torch.Tensor]) -> tuple[list[str], list[nn.Linear]]:
+    """The block's linears (names, modules) in execution order; every one must have impact scores."""
+    names, linears = [], []
     for name, lin in block_linears(block):
         if name not in scores:
             raise KeyError(f"no impact scores for layer {name!r} (have {sorted(scores)[:4]}...)")
         names.append(name)
         linears.append(lin)
-        weights.append([
-            mixed_fake_quant(lin.weight.data, scores[name], r, settings.bits_high, settings.bits_low,
-                             settings.group_size).to(lin.weight.dtype)
-            for r in settings.candidates
-        ])
-    return names, linears, weights
+    return names, linears
+
+
+def quantized_candidates(
+    block: nn.Module, scores: dict[str, torch.Tensor], settings: SensitivitySettings
+) -> tuple[list[str], list[nn.Linear], list[list[torch.Tensor]]]:
+    """For every linear of the block and every candidate ratio, the mixed-precision fake-quantised weight — K copies
+    of the block's weights at once (the measurements below hold one layer's K at a time instead)."""
+    names, linears = block_layers(block, scores)
+    return names, linears, [candidate_weights(lin, scores[n], settings) for n, lin in zip(names, linears, strict=True)]
+
+
+#: bytes of output changes ``gram_matrix`` holds at once (windows are taken in chunks that fit; at least one)
+CHANGES_BUDGET = 1 << 30
 
 
 def measure_block(
@@ -124,24 +141,38 @@ def measure_block(
     if method not in SENSITIVITY_METHODS:
         raise ValueError(f"sensitivity method {method!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
     t0 = time.time()
-    names, linears, weights = quantized_candidates(block, scores, settings)
+    names, linears = block_layers(block, scores)
+    k = len(settings.candidates)
+
+    def weights_of(l_idx: int) -> list[torch.Tensor]:
+        return candidate_weights(linears[l_idx], scores[names[l_idx]], settings)
+
     if method == "gram":
-        matrix, single, n_samples = gram_matrix(block, inputs, linears, weights, device)
+        def weight_of(l_idx: int, m: int) -> torch.Tensor:
+            return candidate_weight(linears[l_idx], scores[names[l_idx]], settings.candidates[m], settings)
+
+        matrix, single, n_samples = gram_matrix(block, inputs, linears, weight_of, k, device)
         return {"layers": names, "matrix": matrix, "single_losses": single, "settings": settings.to_dict(),
                 "method": method, "evaluations": single.numel(), "samples": n_samples,
                 "seconds": time.time() - t0}
-    n_layers, k = len(names), len(settings.candidates)
+    n_layers = len(names)
     loss = BlockLoss(block, inputs, device)
     single = torch.zeros(n_layers, k, dtype=torch.float64)
-    for l_idx, m in itertools.product(range(n_layers), range(k)):
-        single[l_idx, m] = loss({linears[l_idx]: weights[l_idx][m]})
+    for l_idx in range(n_layers):
+        weights = weights_of(l_idx)
+        for m in range(k):
+            single[l_idx, m] = loss({linears[l_idx]: weights[m]})
     size = n_layers * k
     matrix = torch.zeros(size, size, dtype=torch.float64)
     for l_idx, m in itertools.product(range(n_layers), range(k)):
         matrix[l_idx * k + m, l_idx * k + m] = 2.0 * single[l_idx, m]
+    first: tuple[int, list[torch.Tensor]] | None = None  # one layer's K weights per side of a pair at a time
     for l1, l2 in itertools.combinations(range(n_layers), 2):
+        if first is None or first[0] != l1:
+            first = (l1, weights_of(l1))
+        w1, w2 = first[1], weights_of(l2)
         for m1, m2 in itertools.product(range(k), range(k)):
-            pair = loss({linears[l1]: weights[l1][m1], linears[l2]: weights[l2][m2]})
+            pair = loss({linears[l1]: w1[m1], linears[l2]: w2[m2]})
             value = pair - single[l1, m1] - single[l2, m2]
             matrix[l1 * k + m1, l2 * k + m2] = value
             matrix[l2 * k + m2, l1 * k + m1] = value
@@ -158,31 +189,40 @@ def measure_block(
 
 
 @torch.no_grad()
-def gram_matrix(block: nn.Module, inputs: BlockInputs, linears: list[nn.Linear], weights: list[list[torch.Tensor]],
-                device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gram_matrix(block: nn.Module, inputs: BlockInputs, linears: list[nn.Linear],
+                weight_of: Callable[[int, int], torch.Tensor], k: int, device=None,
+                budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(M, single losses, samples) from the Gram matrix of the output changes of the single perturbations
-    ``weights[l][m]`` (layer ``linears[l]`` given that weight, the others unchanged).
+    ``weight_of(l, m)`` (layer ``linears[l]`` given that weight, the others unchanged).
 
-    Window by window: the L*K output changes of one window are held at once (L*K times one block output), their
-    inner products accumulated in float64, so memory does not grow with the number of windows.
+    Windows are taken in chunks whose L*K output changes fit ``budget`` bytes (:data:`CHANGES_BUDGET`; at least one
+    window); per chunk each candidate weight is made once and dropped before the next, so one layer's weight is held
+    beside the block, never the block's K copies. Each window's inner products are accumulated in
+    float64 in window order: the result does not depend on the chunking.
     """
-    n_layers, k = len(linears), len(weights[0])
+    n_layers = len(linears)
     size = n_layers * k
+    budget = CHANGES_BUDGET if budget is None else budget
     gram = torch.zeros(size, size, dtype=torch.float64)
-    n_samples = 0
-    for i, h in enumerate(inputs.hidden):
-        kwargs = inputs.kwargs_for(i)
-        target = run_block(block, h, kwargs, device).float().reshape(-1)
-        changes = None
+    n_samples, start = 0, 0
+    while start < len(inputs.hidden):
+        chunk = [start]
+        per_window = size * inputs.hidden[start][0].numel() * 4
+        while chunk[-1] + 1 < len(inputs.hidden) and (len(chunk) + 1) * per_window <= budget:
+            chunk.append(chunk[-1] + 1)
+        start = chunk[-1] + 1
+        targets = [run_block(block, inputs.hidden[i], inputs.kwargs_for(i), device).float().reshape(-1)
+                   for i in chunk]
+        changes = [t.new_empty(size, t.numel()) for t in targets]
         for l_idx, m in itertools.product(range(n_layers), range(k)):
-            with swapped_weights({linears[l_idx]: weights[l_idx][m]}):
-                out = run_block(block, h, kwargs, device).float().reshape(-1)
-            if changes is None:
-                changes = out.new_empty(size, out.numel())
-            torch.sub(out, target, out=changes[l_idx * k + m])
-        gram += (changes @ changes.T).double().cpu()
-        n_samples += h.shape[0]
-        del changes
+            with swapped_weights({linears[l_idx]: weight_of(l_idx, m)}):
+                for j, i in enumerate(chunk):
+                    out = run_block(block, inputs.hidden[i], inputs.kwargs_for(i), device).float().reshape(-1)
+                    torch.sub(out, targets[j], out=changes[j][l_idx * k + m])
+        for j, i in enumerate(chunk):
+            gram += (changes[j] @ changes[j].T).double().cpu()
+            n_samples += inputs.hidden[i].shape[0]
+        del changes, targets
     gram /= n_samples
     # two candidates of one layer are never chosen together: those entries are 0 (the diagonal stays)
     same_layer = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * n_layers) & ~torch.eye(size, dtype=bool)
@@ -214,7 +254,7 @@ def quadratic_fidelity(
     """
     from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-    _, linears, weights = quantized_candidates(block, scores, settings)
+    names, linears = block_layers(block, scores)
     n_layers, k = len(linears), len(settings.candidates)
     loss = BlockLoss(block, inputs, device)
     rng = random.Random(seed)
@@ -223,7 +263,8 @@ def quadratic_fidelity(
         choice = [rng.randrange(k) for _ in range(n_layers)]
         delta = assignment_vector(choice, k)
         predicted.append(0.5 * float(delta @ matrix @ delta))
-        measured.append(loss({linears[i]: weights[i][m] for i, m in enumerate(choice)}))
+        measured.append(loss({linears[i]: candidate_weight(linears[i], scores[names[i]], settings.candidates[m],
+                                                           settings) for i, m in enumerate(choice)}))
     p, m = torch.tensor(predicted), torch.tensor(measured)
     return {
         "spearman": float(spearman_corrcoef(p, m)),

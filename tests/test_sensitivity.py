@@ -125,3 +125,28 @@ def test_unknown_sensitivity_method_is_refused(block0):
     block, inputs, scores = block0
     with pytest.raises(ValueError, match="sensitivity method 'triples'; choose one of gram, pairs"):
         measure_block(block, inputs, scores, SensitivitySettings(), method="triples")
+
+
+def test_gram_m_does_not_depend_on_how_windows_are_chunked(block0):
+    """gram_matrix holds one candidate weight at a time and takes windows in chunks that fit its budget;
+    one window per chunk and all windows in one chunk give the same bits as the block's K copies held at once."""
+    from hiq.sensitivity import gram_matrix, quantized_candidates
+
+    block, inputs, scores = block0
+    settings = SensitivitySettings(candidates=(0.0, 0.05, 0.2), bits_low=2, bits_high=3)
+    _, linears, held = quantized_candidates(block, scores, settings)
+    made = []
+
+    def weight_of(l_idx, m):
+        made.append((l_idx, m))
+        return held[l_idx][m]
+
+    every = [(i, m) for i in range(7) for m in range(3)]
+    one = gram_matrix(block, inputs, linears, weight_of, 3, budget=1)
+    assert made == every * len(inputs)  # per chunk (one window each), each candidate weight once
+    made.clear()
+    together = gram_matrix(block, inputs, linears, weight_of, 3, budget=1 << 40)
+    assert made == every and len(inputs) == 2
+    assert all(torch.equal(a, b) for a, b in zip(one[:2], together[:2], strict=True)) and one[2] == together[2]
+    measured = measure_block(block, inputs, scores, settings, method="gram")
+    assert torch.equal(measured["matrix"], together[0])
