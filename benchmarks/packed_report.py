@@ -229,12 +229,17 @@ def main(argv: list[str] | None = None) -> int:
                     "compute_dtype": args.compute_dtype}
     for shape in args.shapes:
         if shape == "bundled":
-            from hiq.model import BUNDLED_MODELS
-
             run = Path(args.run)
             if not (run / "packed" / "config.json").is_file():
                 raise SystemExit(f"{run}/packed is missing: run `hiq fit` with export on (or `hiq export {run}`)")
-            fp16_dir, packed_dir = BUNDLED_MODELS["tiny-llama"], run / "packed"
+            # the run's own source model (metrics.json / run.json name it), not always the bundled one
+            source = None
+            for name in ("metrics.json", "run.json"):
+                if (run / name).is_file():
+                    source = json.loads((run / name).read_text()).get("model") or source
+            from hiq.model import resolve_model_path
+
+            fp16_dir, packed_dir = resolve_model_path(source or "tiny-llama"), run / "packed"
         else:
             fp16_dir, packed_dir = build_7b_block(out / "7b-block")
         row: dict = {"fp16_dir": str(fp16_dir), "packed_dir": str(packed_dir)}
