@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -312,3 +315,67 @@ def model_fingerprint(model: nn.Module) -> str:
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = list(pool.map(one, items))
     return hashlib.sha256(b"".join(digests)).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Low-precision linears on CPUs: computed in float32
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _Float32Linear(torch.autograd.Function):
+    """``F.linear`` of bf16/fp16 tensors computed in float32 (forward and backward), results in the inputs' dtype.
+    Only the low-precision inputs are saved for the backward (no float32 copy of the weight outlives a call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.float()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ weight.float()).to(x.dtype)
+        flat = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = (flat.T @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = flat.sum(0).to(ctx.bias_dtype)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except bf16/fp16 on the CPU, which is computed in float32 and rounded back.
+
+    Why: PyTorch's CPU kernels for bf16 matrix products without AVX-512 fall back to plain loops. On the 2-core AMD
+    EPYC (AVX2) of benchmarks/results/shaped_7b_cpu.md a (128 x 4096) x (4096 x 4096) product ran at 10 GFLOP/s in
+    bf16 as ``F.linear`` and 0.3 GFLOP/s as the backward's ``grad @ W``, against 59-69 GFLOP/s in float32: the Fisher
+    pass over a 7B-shaped 2-block slice had not finished after 13 minutes. On GPUs nothing changes."""
+    if x.device.type == "cpu" and weight.dtype in LOW_PRECISION:
+        return _Float32Linear.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _float32_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def float32_cpu_linears(module: nn.Module) -> Iterator[None]:
+    """While active, every ``nn.Linear`` of ``module`` with bf16/fp16 weights on the CPU computes through
+    :func:`linear` (float32 arithmetic, same dtypes in and out); elsewhere nothing changes."""
+    patched = [lin for lin in module.modules() if type(lin) is nn.Linear and lin.weight.dtype in LOW_PRECISION
+               and lin.weight.device.type == "cpu" and "forward" not in lin.__dict__]
+    for lin in patched:
+        lin.forward = types.MethodType(_float32_forward, lin)
+    try:
+        yield
+    finally:
+        for lin in patched:
+            lin.__dict__.pop("forward", None)

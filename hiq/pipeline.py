@@ -23,6 +23,8 @@ them twice). So the stages shard the windows themselves (``windows[rank::world_s
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import platform
 import time
@@ -47,7 +49,7 @@ from hiq.artifacts import (
     write_manifest,
 )
 from hiq.layouts import ModelLayout
-from hiq.model import BlockInputs, block_outputs, capture_block_inputs
+from hiq.model import BlockInputs, block_outputs, capture_block_inputs, float32_cpu_linears
 from hiq.quant.grid import setting_label as setting_label_of
 from hiq.quant.hybrid import RECORD_FORMAT
 from hiq.recipe import (
@@ -121,6 +123,8 @@ class RunState:
     final_targets: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
     tuning: dict | None = None  # the end-to-end tuning's key, tuned scales per layer, KL before/after
     timings: dict[str, float] = field(default_factory=dict)
+    #: peak CUDA memory allocated during each stage, MiB (runs on a GPU; :func:`device_memory_of`)
+    stage_peak_cuda_mb: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     exports: dict[str, str] = field(default_factory=dict)
     metrics: dict | None = None
@@ -174,6 +178,20 @@ def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | No
     if tuning_key is not None:  # runs without the tuning keep the key they always had
         payload["tuning"] = tuning_key
     return digest(payload)
+
+
+@contextlib.contextmanager
+def device_memory_of(job: Job, stage: str) -> Iterator[None]:
+    """Record the peak CUDA memory allocated while ``stage`` runs in ``job.state.stage_peak_cuda_mb`` (``metrics.json``
+    shows every stage up to the evaluation, which writes it); nothing on other devices."""
+    cuda = job.rt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(job.rt.device)
+    try:
+        yield
+    finally:
+        if cuda:
+            job.state.stage_peak_cuda_mb[stage] = round(torch.cuda.max_memory_allocated(job.rt.device) / 2**20, 1)
 
 
 def load_if_current(path: Path, key: str, json_file: bool = False, rt: Runtime | None = None) -> dict | None:
@@ -239,7 +257,8 @@ class BlockLoop:
         for b, block in enumerate(self.blocks):
             block.to(device)
             step = BlockStep(b, block, self.fp_inputs, self.q_inputs)
-            yield step
+            with float32_cpu_linears(block):
+                yield step
             if b + 1 < len(self.blocks):
                 fp_out = step.targets(device)  # the block's weights may have changed: reuse the targets
                 if self.quantized_path:
@@ -274,7 +293,8 @@ def fisher_stage(job: Job) -> None:
     shard = job.windows[rt.rank :: rt.world_size]
     job.model.to(rt.device)
     acc = FisherAccumulator(job.model, job.layout.linears_of(job.model))
-    with tqdm(total=len(shard), desc="Fisher", unit="sample", disable=not rt.is_global_zero) as bar:
+    with tqdm(total=len(shard), desc="Fisher", unit="sample", disable=not rt.is_global_zero) as bar, \
+            float32_cpu_linears(job.model):
         acc.accumulate(shard, rt.device, on_sample=bar.update, batch_size=job.recipe.sensitivity.fisher_batch_size)
     if rt.world_size > 1:
         acc.reduce(rt.reduce_sum)
@@ -481,6 +501,7 @@ def tuning_stage(job: Job) -> None:
         info(f"[hiq] tuning: reused {path} (KL {saved['kl_before']:.4g} -> {saved['kl_after']:.4g})", rt)
     else:
         saved = _tune_scales(job, key, records)
+        gc.collect()  # the tuning Trainer's cycle holds every layer's tuned copy (see hiq.blockfit.fit_block)
         if rt.is_global_zero:
             save_tensors(path, saved)
         rt.barrier("tuning")
@@ -524,6 +545,8 @@ def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
     module = ScaleTuning(model, job.layout.blocks_path(model), list(layers.values()), opts.tune_lr, opts.tune_steps,
                          cache_teacher=teacher_cache_fits(windows, vocab))
     data = WindowPairs(windows, final_hidden)
+    cpu_linears = contextlib.ExitStack()
+    cpu_linears.enter_context(float32_cpu_linears(model))  # the model's own linears (head, any not reconstructed)
     try:
         kl_before = reduce_loss(rt, module.kl_sum(data, per_rank, student_hidden=q_hidden))
         info(f"[hiq] tuning: KL to the full-precision model on the calibration windows {kl_before:.4g}", rt)
@@ -547,6 +570,7 @@ def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
         scales = {name: (layer.tuned_scales() if kept else {p: records[name][p]["scale"] for p in ("high", "normal")})
                   for name, layer in layers.items()}
     finally:
+        cpu_linears.close()
         for name, lin in originals.items():
             parent, _, child = name.rpartition(".")
             _swap(modules[parent], child, lin)
@@ -666,8 +690,10 @@ def evaluation_stage(job: Job, options: EvaluationOptions) -> None:
             if saved is not None:
                 info(f"[hiq] {name}: ppl {saved['ppl']:.3f} (reused {path})", rt)
             else:
-                res = evaluate_dataset(job.model, job.tokenizer, name, seqlen=options.seqlen,
-                                       max_windows=options.max_windows, batch_size=options.batch_size, progress=True)
+                with float32_cpu_linears(job.model):
+                    res = evaluate_dataset(job.model, job.tokenizer, name, seqlen=options.seqlen,
+                                           max_windows=options.max_windows, batch_size=options.batch_size,
+                                           progress=True)
                 saved = {**res.to_dict(), "key": key}
                 save_json(path, saved, sealed=True)
                 info(f"[hiq] {name} ({res.split}): ppl {res.ppl:.3f} [{res.windows} windows, {res.seconds:.1f}s]", rt)
@@ -803,6 +829,8 @@ def build_metrics(job: Job, results: dict, zeroshot: dict | None = None) -> dict
     metrics["world_size"] = job.rt.world_size
     metrics["device"] = device_label(job.rt.device)
     metrics["memory"] = peak_memory_mb()  # of this run's process; a resumed run reports its own peak
+    if job.state.stage_peak_cuda_mb:
+        metrics["stage_peak_cuda_mb"] = dict(job.state.stage_peak_cuda_mb)
     import transformers
 
     metrics["versions"] = {"hiq": __version__, "torch": torch.__version__, "lightning": L.__version__,

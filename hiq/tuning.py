@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiq.blockfit import _distributed, average_gradients
+from hiq.model import linear
 from hiq.quant.grid import expand_groups, group_widths
 
 PARTS = ("high", "normal")
@@ -67,7 +68,7 @@ class ScaledCodesLinear(nn.Module):
         return torch.cat(parts, dim=1)[:, self.order]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype))
+        return linear(x, self.weight().to(x.dtype))  # float32 arithmetic for bf16/fp16 on CPUs
 
     @torch.no_grad()
     def tuned_scales(self) -> dict[str, torch.Tensor]:

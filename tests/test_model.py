@@ -71,3 +71,28 @@ def test_linears_come_in_execution_order_for_opt():
     record_execution_order(model)
     names = [n for n, _ in block_linears(find_blocks(model)[0])]
     assert names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
+
+
+def test_low_precision_cpu_linears_compute_in_float32_and_are_restored():
+    """bf16 linears on the CPU go through float32 arithmetic (PyTorch's bf16 CPU matmuls without AVX-512 are plain
+    loops): same dtypes in and out, values and gradients of the float32 computation rounded once."""
+    from hiq.model import float32_cpu_linears, linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 32, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
+    out = linear(x, lin.weight, lin.bias)
+    ref_x, ref_w = x.detach().float().requires_grad_(True), lin.weight.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.linear(ref_x, ref_w, lin.bias.detach().float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    upstream = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    out.backward(upstream)
+    ref.backward(upstream.float())
+    assert x.grad.dtype == lin.weight.grad.dtype == lin.bias.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, ref_x.grad.to(torch.bfloat16))
+    torch.testing.assert_close(lin.weight.grad.float(), ref_w.grad, rtol=1e-2, atol=1e-2)
+    model = nn.Sequential(lin, nn.Linear(32, 8))  # the float32 one is left alone
+    with float32_cpu_linears(model):
+        assert "forward" in lin.__dict__ and "forward" not in model[1].__dict__
+        torch.testing.assert_close(model[0](x.detach()), out.detach(), rtol=0, atol=0)
+    assert "forward" not in lin.__dict__

@@ -13,9 +13,9 @@ block's linears get exactly this weight, so what is evaluated is what is deploye
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hiq.model import linear
 from hiq.quant.grid import dequantize_part
 from hiq.quant.learned import QUANTIZERS, LWCQuantizer
 from hiq.quant.mixed import split_columns
@@ -53,7 +53,7 @@ class HybridLinear(nn.Module):
         self.group_size = group_size
         self.bits_high, self.bits_low = bits_high, bits_low
         self.high_quantizer, self.normal_quantizer = high_quantizer, normal_quantizer
-        wp = weight.float()[:, perm]
+        wp = weight[:, perm]  # its own dtype: the quantizers promote it to float32 exactly
 
         def part(kind: str, w: torch.Tensor, bits: int):
             cls = QUANTIZERS[kind]
@@ -71,9 +71,23 @@ class HybridLinear(nn.Module):
             return self.normal()
         return torch.cat([self.high(), self.normal()], dim=1)[:, self.inverse]
 
+    #: weights from which the fake-quantized weight is recomputed in the backward pass instead of keeping its
+    #: intermediates (``torch.utils.checkpoint``): at 7B width they were ~20 bytes per weight of the whole block held
+    #: from forward to backward; recomputed, the backward holds one layer's at a time. Same bits either way.
+    recompute_from = 1 << 20
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.quantized_weight().to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+        if torch.is_grad_enabled() and self.in_features * self.out_features >= self.recompute_from:
+            from torch.utils.checkpoint import checkpoint
+
+            weight = checkpoint(self._weight_as, x.dtype, use_reentrant=False, preserve_rng_state=False)
+        else:
+            weight = self._weight_as(x.dtype)
+        return linear(x, weight, bias)  # float32 arithmetic for bf16/fp16 on CPUs (hiq.model.linear)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return self.high.regularizer(beta) + self.normal.regularizer(beta)
@@ -88,12 +102,18 @@ class HybridLinear(nn.Module):
         """Hard rounding; the integer record of the layer (see :func:`dequantize_record`). Scales are rounded to
         float16 values (kept as float32): the weights evaluated here are exactly those a packed checkpoint holds
         (:mod:`hiq.packed`)."""
+        return self._layer_record(self.high.finish(), self.normal.finish())
+
+    def record(self) -> dict:
+        """What :meth:`finish` returns for the layer as it is now, without changing it (the best step's snapshot of
+        ``keep_best``: codes are one byte per weight, a copy of the learned parameters four)."""
+        return self._layer_record(self.high.record(), self.normal.record())
+
+    def _layer_record(self, high: dict, normal: dict) -> dict:
         return {
             "perm": self.perm.cpu(), "n_high": self.n_high, "ratio": self.ratio, "group_size": self.group_size,
             "bits_high": self.bits_high, "bits_low": self.bits_low, "high_quantizer": self.high_quantizer,
-            "normal_quantizer": self.normal_quantizer,
-            "high": _half_scales(self.high.finish()),
-            "normal": _half_scales(self.normal.finish()),
+            "normal_quantizer": self.normal_quantizer, "high": _half_scales(high), "normal": _half_scales(normal),
         }
 
 
