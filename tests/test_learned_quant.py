@@ -162,7 +162,7 @@ def test_signround_steps_lower_the_output_error_and_stay_in_bounds(layer):
     assert sr.offset.abs().max() > 0.1  # the rounding of some weights really moved
 
 
-def test_keep_best_restores_the_lowest_loss_parameters(tiny_copy):
+def test_keep_best_returns_the_record_of_the_lowest_loss_step(tiny_copy):
     from hiq.blockfit import BlockReconstruction
 
     model, _ = tiny_copy
@@ -170,13 +170,22 @@ def test_keep_best_restores_the_lowest_loss_parameters(tiny_copy):
     name, lin = block_linears(block)[0]
     hybrid = HybridLinear(lin, torch.rand(lin.in_features), 0.1, 3, 2, None, "signround", 4.0, "signround")
     module = BlockReconstruction(block, [hybrid], {}, 0, keep_best=True, lr_schedule="linear", iterations=3)
+    records = {}
     for value, loss in ((0.1, 3.0), (0.2, 1.0), (0.3, 2.0)):
         with torch.no_grad():
             hybrid.normal.offset.fill_(value)
+        records[value] = hybrid.record()
         module._remember_if_best(torch.tensor(loss))
-    assert module.best_loss == 1.0
-    module.on_train_end()
-    assert torch.all(hybrid.normal.offset == 0.2)
+    assert module.best_loss == 1.0 and module.best_step == 0
+    (kept,) = module.finished_records()  # the integer record of the lowest-loss parameters, not the last ones
+    codes = {v: r["normal"]["codes"] for v, r in records.items()}
+    assert torch.equal(kept["normal"]["codes"], codes[0.2]) and not torch.equal(codes[0.2], codes[0.3])
+    assert torch.equal(kept["normal"]["scale"], records[0.2]["normal"]["scale"])
+    assert torch.all(hybrid.normal.offset == 0.3)  # the layer itself was left as the fit ended
+    ada = HybridLinear(lin, torch.rand(lin.in_features), 0.1, 3, 2, None, "adaround", 4.0, "lwc")
+    snapshot = ada.record()
+    assert not ada.high.hard and all(torch.equal(snapshot[p]["codes"], ada.finish()[p]["codes"])
+                                     for p in ("high", "normal"))
 
 
 def test_signround_cannot_share_an_optimizer_with_adam_parts():
@@ -208,3 +217,44 @@ def test_block_fits_clip_adam_gradients_but_not_signed_steps(tmp_path):
     # a signed step sees only each gradient's sign: scaling by the clipping factor cannot change it
     assert signed.gradient_clip_val is None
     assert paper.gradient_clip_val == 1.0
+
+
+@pytest.mark.parametrize(("high", "normal"), [("adaround", "lwc"), ("signround", "signround")])
+def test_recomputing_the_fake_quantized_weight_in_backward_gives_the_same_bits(layer, high, normal):
+    """Wide layers recompute their fake-quantized weight in the backward pass (memory); outputs and every
+    gradient are bit-identical to keeping the forward's intermediates."""
+    x = torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    results = []
+    for recompute_from in (0, 1 << 62):
+        hybrid = HybridLinear(layer, torch.rand(layer.in_features, generator=torch.Generator().manual_seed(1)), 0.2,
+                              3, 2, None, high, 4.0, normal)
+        hybrid.recompute_from = recompute_from
+        out = hybrid(x)
+        (out.float().pow(2).sum() + hybrid.regularizer(4.0)).backward()
+        results.append((out.detach(), [p.grad.clone() for p in hybrid.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert out_a.dtype == torch.bfloat16 and torch.equal(out_a, out_b)
+    assert len(grads_a) >= 2 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads_a)
+
+
+@pytest.mark.parametrize(("high", "normal"), [("adaround", "lwc"), ("signround", "signround"), ("lwc", "lwc")])
+def test_a_bf16_layer_is_quantized_as_its_float32_copy_would_be(layer, high, normal):
+    """The quantizers keep a bf16 weight in bf16 (half the memory) and compute in float32: the fake-quantized
+    weight, the gradients and the finished record are those of the same weight held in float32."""
+    import copy
+
+    scores = torch.rand(layer.in_features, generator=torch.Generator().manual_seed(2))
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    results = []
+    for lin in (half, full):
+        hybrid = HybridLinear(lin, scores, 0.1, 3, 2, None, high, 4.0, normal)
+        w = hybrid.quantized_weight()
+        (w.pow(2).sum() + hybrid.regularizer(4.0)).backward()
+        results.append((hybrid.high.weight.dtype, w.detach(), [p.grad for p in hybrid.parameters()], hybrid.finish()))
+    (dtype_h, w_h, g_h, rec_h), (dtype_f, w_f, g_f, rec_f) = results
+    assert (dtype_h, dtype_f) == (torch.bfloat16, torch.float32) and w_h.dtype == torch.float32
+    assert torch.equal(w_h, w_f) and all(torch.equal(a, b) for a, b in zip(g_h, g_f, strict=True))
+    for part in ("high", "normal"):
+        assert all(torch.equal(rec_h[part][k], rec_f[part][k]) for k in ("codes", "scale", "zero"))

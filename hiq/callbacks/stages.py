@@ -40,7 +40,9 @@ class StageCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.enabled():
-            self.run(pl_module.job_for(trainer, self.recipe))
+            job = pl_module.job_for(trainer, self.recipe)
+            with P.device_memory_of(job, self.stage):
+                self.run(job)
 
     def run(self, job: P.Job) -> None:  # pragma: no cover - every stage overrides it
         raise NotImplementedError

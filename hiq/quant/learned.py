@@ -54,10 +54,17 @@ class _PartQuantizer(nn.Module):
         self.qmax = (1 << bits) - 1
         self.group_size = group_size
         self.widths = group_widths(weight.shape[1], group_size)
-        self.register_buffer("weight", weight.detach().float().clone())
+        # kept in its own dtype (a bf16 model: half the bytes of a float32 copy); every use promotes it to float32
+        # exactly (bf16/fp16 -> fp32 is lossless), so the quantizer computes the same bits either way
+        keep = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        self.register_buffer("weight", weight.detach().clone() if keep else weight.detach().float())
 
     #: trained with signed-gradient steps (SignRound) rather than Adam
     sign_steps = False
+
+    def record(self) -> dict:
+        """What :meth:`finish` returns, without changing the quantizer (a snapshot during the fit)."""
+        return self.finish()
 
     @torch.no_grad()
     def project(self) -> None:
@@ -66,13 +73,13 @@ class _PartQuantizer(nn.Module):
     def _register_range(self) -> None:
         """Buffers ``lo``/``hi``: per row and group min(min W, 0) / max(max W, 0), the range clipping scales."""
         lo, hi = group_range(self.weight, self.widths) if self.widths else (self.weight.new_zeros(
-            self.weight.shape[0], 0),) * 2
+            self.weight.shape[0], 0, dtype=torch.float32),) * 2
         self.register_buffer("lo", lo)
         self.register_buffer("hi", hi)
 
     def _empty_record(self) -> dict:
         """The integer record of a part with no columns."""
-        empty = self.weight.new_zeros(self.weight.shape[0], 0)
+        empty = self.weight.new_zeros(self.weight.shape[0], 0, dtype=torch.float32)
         return {"codes": empty.to(torch.uint8), "scale": empty, "zero": empty}
 
     @property
@@ -100,7 +107,7 @@ class LWCQuantizer(_PartQuantizer):
 
     def forward(self) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight
+            return self.weight.float()
         scale, zero = self._params(ste=True)
         s, z = self._expand(scale), self._expand(zero)
         codes = (round_ste(self.weight / s) + z).clamp(0, self.qmax)
@@ -116,7 +123,7 @@ class LWCQuantizer(_PartQuantizer):
         return {"codes": codes.to(torch.uint8), "scale": scale.detach().clone(), "zero": zero.detach().clone()}
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        return self.weight.new_zeros(())
+        return self.weight.new_zeros((), dtype=torch.float32)
 
 
 class AdaRoundQuantizer(_PartQuantizer):
@@ -136,7 +143,7 @@ class AdaRoundQuantizer(_PartQuantizer):
             frac = (x - torch.floor(x)).clamp(0.0, 1.0 - 1e-6)
             v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
         else:
-            v = self.weight.clone()
+            v = self.weight.float()
         self.v = nn.Parameter(v)
 
     def rounding(self) -> torch.Tensor:
@@ -147,7 +154,7 @@ class AdaRoundQuantizer(_PartQuantizer):
 
     def forward(self) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight
+            return self.weight.float()
         s, z = self._expand(self.scale), self._expand(self.zero)
         codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
         return (codes - z) * s
@@ -155,16 +162,21 @@ class AdaRoundQuantizer(_PartQuantizer):
     def regularizer(self, beta: float) -> torch.Tensor:
         """``Σ (1 − |2h(V) − 1|^β)``: 0 when every weight is rounded hard, ``n`` when all sit half-way."""
         if self.n_columns == 0:
-            return self.weight.new_zeros(())
+            return self.weight.new_zeros((), dtype=torch.float32)
         return (1.0 - (2.0 * self.rounding() - 1.0).abs().pow(beta)).sum()
 
     @torch.no_grad()
     def finish(self) -> dict:
         self.hard = True
+        return self.record()
+
+    @torch.no_grad()
+    def record(self) -> dict:
+        """Codes with hard rounding (``h(V) = [V >= 0]``), scale and zero; the quantizer itself stays as it is."""
         if self.n_columns == 0:
             return self._empty_record()
         s, z = self._expand(self.scale), self._expand(self.zero)
-        codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
+        codes = (torch.floor(self.weight / s) + (self.v >= 0).float() + z).clamp(0, self.qmax)
         return {"codes": codes.to(torch.uint8), "scale": self.scale.clone(), "zero": self.zero.clone()}
 
 
@@ -186,7 +198,7 @@ class SignRoundQuantizer(_PartQuantizer):
         super().__init__(weight, bits, group_size)
         n_groups = len(self.widths)
         self._register_range()
-        self.offset = nn.Parameter(torch.zeros_like(self.weight))
+        self.offset = nn.Parameter(torch.zeros_like(self.weight, dtype=torch.float32))
         self.min_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
         self.max_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
 
@@ -196,7 +208,7 @@ class SignRoundQuantizer(_PartQuantizer):
 
     def forward(self) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight
+            return self.weight.float()
         scale, zero = self._params(ste=True)
         s, z = self._expand(scale), self._expand(zero)
         codes = (round_ste(self.weight / s + self.offset) + z).clamp(0, self.qmax)
@@ -220,7 +232,7 @@ class SignRoundQuantizer(_PartQuantizer):
         return {"codes": codes.to(torch.uint8), "scale": scale.detach().clone(), "zero": zero.detach().clone()}
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        return self.weight.new_zeros(())
+        return self.weight.new_zeros((), dtype=torch.float32)
 
 
 QUANTIZERS = {"adaround": AdaRoundQuantizer, "lwc": LWCQuantizer, "signround": SignRoundQuantizer}
