@@ -228,3 +228,96 @@ def remove_leftovers(root: Path) -> list[Path]:
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host memory: a model too large for this machine is refused before it is loaded, not killed half-way
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+#: a block fit's host working set on CPU, in bytes per weight of the block (the quantizers' permuted bf16 copy, float32
+#: offsets and their gradients, the best step's codes, the saved bf16 weights, one layer's recomputed fake-quant
+#: intermediates, activations): set so that the estimate meets the measured peak of the LLaMA-2-7B-shaped 2-block slice
+#: (5.87 GiB sampled; benchmarks/results/shaped_7b_cpu.md)
+FIT_BYTES_PER_BLOCK_WEIGHT = 22
+#: libraries (torch, transformers, lightning) and caches of a small calibration set
+FIT_BASE_BYTES = 1 << 30
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """``{tensor name: (elements, bytes as stored)}`` from the safetensors headers of a model folder (nothing is
+    loaded); empty when the folder has no safetensors files."""
+    import json
+    import struct
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            shapes[name] = (n, n * _SAFETENSORS_BYTES.get(meta["dtype"], 4))
+    return shapes
+
+
+def estimate_fit_memory(resolved: str, dtype_bytes: int, block_on_host: bool = True) -> dict[str, int] | None:
+    """Peak host bytes of ``hiq fit`` on the model folder ``resolved`` loaded at ``dtype_bytes`` per weight: the
+    model, plus one block's fit working set when blocks are fitted on the CPU, plus libraries. None when the folder
+    has no safetensors (a hub id, .bin weights): then nothing is estimated."""
+    import re
+
+    folder = Path(resolved)
+    shapes = checkpoint_shapes(folder) if folder.is_dir() else {}
+    if not shapes:
+        return None
+    per_block: dict[str, int] = {}
+    for name, (n, _) in shapes.items():
+        m = re.search(r"\.(\d+)\.", name)
+        if m:
+            per_block[m.group(1)] = per_block.get(m.group(1), 0) + n
+    model = sum(n for n, _ in shapes.values()) * dtype_bytes
+    block_weights = max(per_block.values(), default=0)
+    working = block_weights * FIT_BYTES_PER_BLOCK_WEIGHT if block_on_host else 0
+    return {"model_bytes": model, "block_weights": block_weights, "working_bytes": working,
+            "peak_bytes": model + working + FIT_BASE_BYTES}
+
+
+def available_host_bytes() -> int:
+    """Memory this process can still take: the system's available memory, or less under a cgroup limit."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_host_memory(resolved: str, dtype_bytes: int, block_on_host: bool, available: int | None = None) -> None:
+    """Refuse a fit whose estimated peak (:func:`estimate_fit_memory`) exceeds the host memory left, before the
+    model is loaded. ``HIQ_SKIP_MEMORY_CHECK=1`` skips it (an estimate can be wrong for an unusual model)."""
+    if os.environ.get("HIQ_SKIP_MEMORY_CHECK") == "1":
+        return
+    estimate = estimate_fit_memory(resolved, dtype_bytes, block_on_host)
+    if estimate is None:
+        return
+    available = available_host_bytes() if available is None else available
+    if estimate["peak_bytes"] > available:
+        gib = 2**30
+        where = (f" + one block's fit working set on the CPU {estimate['working_bytes'] / gib:.1f} GiB"
+                 if block_on_host else "")
+        raise UserError(
+            f"model {resolved!r} needs about {estimate['peak_bytes'] / gib:.1f} GiB of host memory to quantize "
+            f"(weights {estimate['model_bytes'] / gib:.1f} GiB at {dtype_bytes} bytes each{where} + "
+            f"{FIT_BASE_BYTES / gib:.0f} GiB libraries and caches); {available / gib:.1f} GiB is available. Use a "
+            f"machine with more memory, load it in bfloat16 (--model.dtype=bfloat16) if it is not, or set "
+            f"HIQ_SKIP_MEMORY_CHECK=1 to try anyway")

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from hiq.checks import check_calibration_text
+from hiq.checks import check_calibration_text, check_host_memory
 from hiq.data import calibration_windows, load_text, tokenize_text
-from hiq.model import load_model_and_tokenizer
+from hiq.model import load_model_and_tokenizer, parse_dtype, resolve_model_path
 from hiq.recipe import CalibrationOptions, ModelOptions
 
 
@@ -39,6 +39,8 @@ class HiQPipeline(L.LightningModule):
         super().__init__()
         ModelOptions(path, dtype, trust_remote_code)  # validate before loading anything heavy
         self.save_hyperparameters()
+        check_host_memory(resolve_model_path(path), parse_dtype(dtype).itemsize,
+                          block_on_host=not torch.cuda.is_available())
         model, tokenizer = load_model_and_tokenizer(path, dtype, trust_remote_code)
         self._attach(model, tokenizer, path)
 
