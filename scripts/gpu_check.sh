@@ -33,7 +33,8 @@ nvidia-smi > "$RESULTS/nvidia-smi.txt"
 'transformers', transformers.__version__, 'lightning', lightning.__version__)" | tee "$RESULTS/versions.txt"
 
 echo "== 1/3 CUDA tests" >&2
-"$PY" -m pytest -q tests/test_cuda.py 2>&1 | tee "$RESULTS/test_cuda.txt"
+"$PY" -m pytest -q tests/test_cuda.py 2>&1 | tee "$RESULTS/test_cuda.txt" || echo "gpu_check: CUDA tests FAILED (see \
+$RESULTS/test_cuda.txt); measuring anyway" >&2
 
 echo "== 2/3 LLaMA-2-7B-shaped slice, $GPU_BLOCKS blocks (random weights)" >&2
 SLICE=$OUT_ROOT/llama-2-7b-${GPU_BLOCKS}blk
