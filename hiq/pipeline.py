@@ -453,6 +453,7 @@ def reconstruction_stage(job: Job) -> None:
         keys.append(key)
         bar.set_postfix(rtn=f"{result['loss_rtn']:.4g}", final=f"{result['loss_final']:.4g}")
         bar.update()
+        result = saved = layers = None  # this block's records are on disk; the next block's fit does not hold them
     bar.close()
     rt.barrier("reconstruction")
     job.state.final_targets = (loop.windows, targets, step.q_outputs) if summary else None
