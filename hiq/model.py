@@ -354,8 +354,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``, except bf16/fp16 on the CPU, which is computed in float32 and rounded back.
 
     Why: PyTorch's CPU kernels for bf16 matrix products without AVX-512 fall back to plain loops. On the 2-core AMD
-    EPYC (AVX2) of benchmarks/results/shaped_7b_cpu.md a (128 x 4096) x (4096 x 4096) product ran at 10 GFLOP/s in
-    bf16 as ``F.linear`` and 0.3 GFLOP/s as the backward's ``grad @ W``, against 59-69 GFLOP/s in float32: the Fisher
+    EPYC (AVX2) of benchmarks/results/shaped_7b_cpu.md a (128 x 4096) x (4096 x 4096) product ran at 9.8 GFLOP/s in
+    bf16 as ``F.linear`` and 0.2 GFLOP/s as the backward's ``grad @ W``, against 53-57 GFLOP/s in float32: the Fisher
     pass over a 7B-shaped 2-block slice had not finished after 13 minutes. On GPUs nothing changes."""
     if x.device.type == "cpu" and weight.dtype in LOW_PRECISION:
         return _Float32Linear.apply(x, weight, bias)
