@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_decode:
         with tempfile.TemporaryDirectory() as tmp:
             decode = decode_rows(Path(tmp))
-        lines += ["", "## (b) Greedy decoding, whole models (32 new tokens after 16 in bf16, 8 in fp32; KV cache), loaded with "
-                  "`from_pretrained`", "",
+        lines += ["", "## (b) Greedy decoding, whole models (32 new tokens after 16 in bf16, 8 in fp32; KV cache), "
+                  "loaded with `from_pretrained`", "",
                   "| model | dtype | dense tokens/s | packed tokens/s | packed / dense | block linears in memory, "
                   "packed / fp16 |", "|---|---|---|---|---|---|"]
         for r in decode:
