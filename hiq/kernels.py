@@ -179,13 +179,14 @@ def prepare_part(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     del q
     offset = zero + shift
-    s = torch.zeros(rows, padded, dtype=torch.float32)
-    z = torch.zeros(rows, padded, dtype=torch.float32)
-    s[:out, :width] = scale.float().repeat_interleave(reps, dim=1)
-    z[:out, :width] = offset.float().repeat_interleave(reps, dim=1)
-    # hiq's groups are whole kernel groups, or one group per row that every kernel group repeats: each kernel
-    # group's first column holds its value
-    s, z = s[:, ::kernel_group], z[:, ::kernel_group]
+    # hiq's groups are whole kernel groups, or one group per row that every kernel group repeats: each kernel group
+    # takes the values of the hiq group holding its first column (kernel groups wholly in the padding get zeros)
+    starts = torch.arange(0, padded, kernel_group)
+    group = torch.searchsorted(reps.cumsum(0), starts, right=True).clamp(max=len(widths) - 1)
+    s = torch.zeros(rows, len(starts), dtype=torch.float32)
+    z = torch.zeros(rows, len(starts), dtype=torch.float32)
+    s[:out], z[:out] = scale.float()[:, group], offset.float()[:, group]
+    s[:, starts >= width] = 0
     table = torch.stack((s, s * (8 - z)), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
     return Int4Part(columns=columns.long(), qweight=qweight, scale_zero=table, scale=scale.to(torch.float16),
                     offset=offset.to(torch.uint8), widths=tuple(widths), kernel_group=kernel_group)
