@@ -198,7 +198,8 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
             total, tokens = reconstruction_loss(block, test_inputs, test_targets, None)
         rtn_loss.append(total / tokens)
         ratios = {name: settings.candidates[m] for name, m in zip(names, choice, strict=True)}
-        layers, _ = fit_block(job, b, block, scores, ratios, fit_inputs, fit_targets, f"block {b} #{a}")
+        layers, _ = fit_block(block, job.layout, b, scores, ratios, fit_inputs, fit_targets, job.recipe.quant,
+                              job.recipe.reconstruction, job.rt, f"block {b} #{a}")
         install_records(block, layout, layers)
         total, tokens = reconstruction_loss(block, test_inputs, test_targets, None)
         measured.append(total / tokens)

@@ -7,7 +7,7 @@ The Python API (:mod:`hiq.api`)::
     hiq.evaluate(result.model, result.tokenizer)
 """
 
-from hiq.api import QuantizeResult, RTNOptions, evaluate, quantize
+from hiq.api import QuantizeResult, evaluate, quantize
 from hiq.layouts import ModelLayout, register_layout
 from hiq.packed import register as _register_packed
 from hiq.recipe import (
@@ -20,6 +20,7 @@ from hiq.recipe import (
     RatioOptions,
     Recipe,
     ReconstructionOptions,
+    RTNOptions,
     SensitivityOptions,
 )
 from hiq.version import __version__

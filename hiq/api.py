@@ -22,13 +22,12 @@ from typing import Any
 import torch
 
 from hiq.checks import (
-    check_batches,
     check_model_dir,
     check_trainer,
+    check_windows,
     check_writable,
-    launcher,
-    prepare_run_folder,
-    run_manifest,
+    claim_run_folder,
+    default_run_dir,
 )
 from hiq.recipe import (
     CalibrationOptions,
@@ -37,13 +36,13 @@ from hiq.recipe import (
     ModelOptions,
     PlotOptions,
     Recipe,
+    RTNOptions,
 )
 from hiq.version import __version__
 
 #: The outer fit of the method: no batches of its own (see :mod:`hiq.pipeline`), no checkpoints, no summary.
 TRAINER_DEFAULTS = {"limit_train_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
                     "enable_model_summary": False}
-RTN_METHODS = ("none", "rtn")
 
 
 @dataclass
@@ -75,92 +74,6 @@ class QuantizeResult:
     metrics: dict | None = None
     model_dir: str | None = None
     exports: dict[str, str] = field(default_factory=dict)
-
-
-def _pipeline(model, tokenizer, dtype: str):
-    from hiq.modules import HiQPipeline
-
-    if isinstance(model, HiQPipeline):
-        return model
-    if isinstance(model, ModelOptions):
-        return HiQPipeline(model.path, model.dtype, model.trust_remote_code)
-    if isinstance(model, str | Path):
-        return HiQPipeline(str(model), dtype)
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise ValueError("quantize(model=<a loaded model>) needs its tokenizer: quantize(model, tokenizer, ...)")
-        return HiQPipeline.from_model(model, tokenizer)
-    raise TypeError(f"model must be a path/hub id, ModelOptions, a loaded causal LM or HiQPipeline; got "
-                    f"{type(model).__name__}")
-
-
-def _calibration(calibration, tokenizer_path: str):
-    from hiq.modules import CalibrationData
-
-    if isinstance(calibration, CalibrationData):
-        return calibration
-    if isinstance(calibration, torch.Tensor):
-        return CalibrationData.from_windows(calibration)
-    if calibration is None:
-        calibration = CalibrationOptions()
-    elif isinstance(calibration, str):
-        calibration = CalibrationOptions(dataset=calibration)
-    elif isinstance(calibration, dict):
-        calibration = CalibrationOptions(**calibration)
-    if not isinstance(calibration, CalibrationOptions):
-        raise TypeError(f"calibration must be a dataset name, CalibrationOptions, a dict or a (n, seqlen) token "
-                        f"tensor; got {type(calibration).__name__}")
-    return CalibrationData(**asdict(calibration), tokenizer_path=tokenizer_path)
-
-
-_CLAIMED: set[tuple[str, str]] = set()
-
-
-def claim_run_folder(root, model_name: str, recipe: Recipe, calibration: CalibrationOptions,
-                     overwrite: bool = False, check_only: bool = False) -> str:
-    """One run per folder (:func:`hiq.checks.prepare_run_folder`); DDP children only check, the launcher writes.
-    ``check_only``: raise if the folder holds another run (and no ``overwrite``), change nothing."""
-    manifest = run_manifest(model_name, recipe.run_dict(), asdict(calibration))
-    if check_only:
-        return prepare_run_folder(root, manifest, overwrite, write=False)
-    claim = (str(Path(root).resolve()), json.dumps(manifest, sort_keys=True))
-    if claim in _CLAIMED:  # hiq fit claimed it while validating, before the model loaded
-        return "claimed"
-    writes = launcher()
-    status = prepare_run_folder(root, manifest, overwrite, write=writes)
-    _CLAIMED.add(claim)
-    if writes and status != "new":
-        print(f"[hiq] run directory {root}: " + {
-            "resume": "same run found; finished stages are reused after their checks",
-            "overwritten": "another run's artifacts removed (--overwrite)",
-            "adopted": "artifacts without run.json found; each is reused only if its key and checksum match"}[status],
-            file=sys.stderr)
-    return status
-
-
-def _check_windows(recipe: Recipe, nsamples: int, world_size: int = 1) -> None:
-    """Before any heavy work: the stages ask for no more calibration windows than there are."""
-    rec, sens = recipe.reconstruction, recipe.sensitivity
-    if rec.enabled:
-        windows = min(rec.nsamples or nsamples, nsamples)
-        check_batches(rec.batch_size, windows, world_size)
-        if rec.batch_size > windows:
-            raise ValueError(f"reconstruction.batch_size={rec.batch_size} is larger than the {windows} calibration "
-                             f"windows the block fits get (data.nsamples={nsamples}"
-                             + (f", reconstruction.nsamples={rec.nsamples}" if rec.nsamples else "")
-                             + f"); lower reconstruction.batch_size to at most {windows} or raise data.nsamples")
-        if rec.tune_steps and rec.tune_batch_size > windows:
-            raise ValueError(f"reconstruction.tune_batch_size={rec.tune_batch_size} is larger than the {windows} "
-                             f"calibration windows the end-to-end tuning gets; lower it to at most {windows}, raise "
-                             f"data.nsamples, or set reconstruction.tune_steps=0 (no tuning)")
-    if sens.enabled and recipe.ratios.mode == "optimal" and sens.nsamples > nsamples:
-        raise ValueError(f"sensitivity.nsamples={sens.nsamples} is larger than data.nsamples={nsamples}; lower it "
-                         f"or raise data.nsamples")
-
-
-def default_run_dir(name: str, now: str | None = None) -> str:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>``: one directory per run."""
-    return str(Path("runs") / f"{name}-{now or time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def quantize(
@@ -201,6 +114,7 @@ def quantize(
     import lightning as L
 
     from hiq.callbacks import method_callbacks
+    from hiq.modules import as_calibration, as_pipeline
 
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else (recipe or Recipe())
     if isinstance(trainer, L.Trainer):
@@ -214,9 +128,9 @@ def quantize(
         check_evaluation(evaluation)
     if isinstance(model, str | Path | ModelOptions):
         check_model_dir(model.path if isinstance(model, ModelOptions) else str(model))
-    pipeline = _pipeline(model, tokenizer, dtype)
-    data = _calibration(calibration, pipeline.model_name)
-    _check_windows(recipe, data.options.nsamples, world_size)
+    pipeline = as_pipeline(model, tokenizer, dtype)
+    data = as_calibration(calibration, pipeline.model_name)
+    check_windows(recipe, data.options.nsamples, world_size)
     data.windows(pipeline.tokenizer, getattr(pipeline.model.config, "max_position_embeddings", None))
     callbacks = method_callbacks(recipe, export, evaluation, plots)
     if isinstance(trainer, L.Trainer):
@@ -249,46 +163,6 @@ def quantize(
     return result
 
 
-@dataclass
-class RTNOptions:
-    """``hiq eval``'s quantization: none (full precision) or round-to-nearest of every block linear.
-
-    Args:
-        method: ``none`` (full precision) or ``rtn`` (round-to-nearest, min-max asymmetric grid).
-        bits: weight bits, one of 2, 3, 4, 8.
-        group_size: input columns per scale/zero group (32, 64, 128) or null for per output channel.
-        avg_bits_convention: ``storage`` (fp16 scale + b-bit zero per group/row counted), ``weights_only`` or
-            ``paper`` (the 19-bits-per-group figure the papers print); see :mod:`hiq.quant.bits`.
-    """
-
-    method: str = "rtn"
-    bits: int = 4
-    group_size: int | None = None
-    avg_bits_convention: str = "storage"
-
-    def __post_init__(self) -> None:
-        from hiq.quant.bits import CONVENTIONS
-        from hiq.quant.grid import QuantSpec
-
-        if self.method not in RTN_METHODS:
-            raise ValueError(f"quant.method={self.method!r} is not supported; choose one of {RTN_METHODS}")
-        if self.avg_bits_convention not in CONVENTIONS + ("omniquant",):
-            raise ValueError(f"quant.avg_bits_convention={self.avg_bits_convention!r}; choose one of {CONVENTIONS}")
-        self.group_size = QuantSpec(self.bits, self.group_size).group_size
-
-    def label(self) -> str:
-        from hiq.quant.grid import setting_label
-
-        return "FP" if self.method == "none" else setting_label(self.bits, self.group_size, method=self.method)
-
-
-def _prequantized_method(path: str) -> str | None:
-    """``quant_method`` of a checkpoint's ``config.json`` (None: not quantized, or not a local directory)."""
-    from hiq.model import _quant_method
-
-    return _quant_method(path)
-
-
 def evaluate(
     model,
     tokenizer=None,
@@ -310,11 +184,11 @@ def evaluate(
     Everything cheap is validated (model path, datasets, tasks, lm-eval present) before the model loads.
     """
     from hiq.artifacts import peak_memory_mb, save_json
-    from hiq.model import load_model_and_tokenizer, resolve_model_path
+    from hiq.evaluation import perplexities, zeroshot
+    from hiq.model import _quant_method, load_model_and_tokenizer, resolve_model_path
     from hiq.packed import packed_average_bits
-    from hiq.perplexity import check_evaluation, dataset_key, evaluate_dataset
+    from hiq.perplexity import check_evaluation
     from hiq.quant.bits import average_bits, average_bits_over_layers, stored_width
-    from hiq.zeroshot import evaluate_zeroshot, format_zeroshot
 
     t0 = time.time()
     evaluation = evaluation or EvaluationOptions()
@@ -322,7 +196,7 @@ def evaluate(
     if isinstance(model, str | Path):
         model = ModelOptions(str(model), dtype)
     if isinstance(model, ModelOptions):
-        method = _prequantized_method(resolve_model_path(model.path))
+        method = _quant_method(resolve_model_path(model.path))
         if method and quant.method != "none":
             raise ValueError(f"{model.path} is already quantized ({method}); score it as it is with "
                              f"--quant.method=none")
@@ -366,23 +240,14 @@ def evaluate(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "eval": {},
     }
-    for ds in evaluation.datasets:
-        res = evaluate_dataset(model, tokenizer, ds, seqlen=evaluation.seqlen, max_windows=evaluation.max_windows,
-                               batch_size=evaluation.batch_size)
-        key = dataset_key(ds)
-        result[f"{key}_ppl"] = res.ppl
-        result["eval"][key] = {k: v for k, v in res.to_dict().items() if k not in ("dataset", "ppl")}
-        result["seqlen"] = res.tokens_scored // res.windows + 1
-        print(f"[hiq eval] {ds} ({res.split}) ppl {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f}s]",
-              file=sys.stderr)
+    scored = perplexities(model, tokenizer, evaluation, float32_linears=False, prefix="[hiq eval]")
+    for key, res in scored.items():
+        result[f"{key}_ppl"] = res["ppl"]
+        result["eval"][key] = {k: v for k, v in res.items() if k not in ("dataset", "ppl")}
+        result["seqlen"] = res["tokens_scored"] // res["windows"] + 1
     if evaluation.tasks:
-        limit = evaluation.limit
-        print(f"[hiq eval] zero-shot {','.join(evaluation.tasks)}" + (f" (limit {limit})" if limit else ""),
-              file=sys.stderr)
-        zs = evaluate_zeroshot(model, tokenizer, evaluation.tasks, limit=limit,
-                               batch_size=evaluation.zeroshot_batch_size)
+        zs = zeroshot(model, tokenizer, evaluation, prefix="[hiq eval]")
         result["zeroshot"], result["zeroshot_avg"] = zs, zs["average"]
-        print(f"[hiq eval] zero-shot: {format_zeroshot(zs)} [{zs['seconds']:.1f}s]", file=sys.stderr)
     result["wall_time_s"] = round(time.time() - t0, 2)
     result["memory"] = peak_memory_mb()
     result["versions"] = {"hiq": __version__, "torch": torch.__version__, "python": platform.python_version()}
@@ -407,6 +272,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     ``metrics.json``'s ``weights_key``.
     """
     from hiq.artifacts import ArtifactError, RunDir, load_json, load_tensors
+    from hiq.export import read_block_records, with_tuned_scales, write_checkpoint
     from hiq.layouts import layout_for
     from hiq.model import load_model_and_tokenizer, model_fingerprint
     from hiq.pipeline import weights_digest
@@ -440,15 +306,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
         missing = [p.name for p in expected if p not in paths]
         raise ValueError(f"{run.root / 'blocks'}: {source} has {n_blocks} blocks; missing {missing or 'none'}, "
                          f"extra {[p.name for p in paths if p not in expected] or 'none'}: finish the run first")
-    records, keys = {}, []
-    for b, path in enumerate(expected):
-        try:
-            saved = load_tensors(path)
-        except ArtifactError as err:
-            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
-        keys.append(saved["key"])
-        for local, record in saved["layers"].items():
-            records[layout.full_name(fp_model, b, local)] = record
+    records, keys = read_block_records(run, layout, fp_model, n_blocks)
     weights_key = weights_digest(source, keys, fingerprint)
     if run.tuning.is_file():  # end-to-end tuned scales (hiq.tuning), when they belong to these weights
         try:
@@ -457,10 +315,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
             raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
         tuned_key = weights_digest(source, keys, fingerprint, tuning["key"])
         if metrics.get("weights_key") in (None, tuned_key):
-            from hiq.tuning import with_scales
-
-            records = {name: with_scales(r, tuning["scales"][name]) for name, r in records.items()}
-            weights_key = tuned_key
+            records, weights_key = with_tuned_scales(records, tuning["scales"]), tuned_key
     if metrics.get("weights_key") not in (None, weights_key):
         raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
                          f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")
@@ -470,14 +325,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     for i, fmt in enumerate(formats):
         target = Path(output) if (output and i == 0) else (
             Path(output).parent / EXPORT_FORMATS[fmt] if output else run.root / EXPORT_FORMATS[fmt])
-        if fmt == "packed":
-            from hiq.packed import save_packed
-
-            save_packed(fp_model, records, target, tokenizer=tokenizer, info=meta)
-        else:
-            from hiq.compressed import save_compressed_tensors
-
-            save_compressed_tensors(fp_model, records, target, tokenizer=tokenizer, info=meta)
+        write_checkpoint(fmt, fp_model, records, target, tokenizer, meta)
         written[fmt] = str(target)
     return written
 
@@ -521,35 +369,40 @@ class FitConfig:
     evaluation: EvaluationOptions
     plots: PlotOptions
     trainer: dict = field(default_factory=dict)
-
-    SECTIONS = ("model", "data", "quant", "ratios", "sensitivity", "reconstruction", "export", "evaluation", "plots",
-                "trainer", "seed_everything")
+    seed_everything: int = 0
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> FitConfig:
         """Read ``path``; ``overrides`` are ``"section.key": value`` pairs (``hiq fit``'s ``--section.key=value``)."""
         import yaml
 
+        from hiq.recipe import CONFIG_SECTIONS, OUTPUT_SECTIONS, SECTIONS
+
         raw = yaml.safe_load(Path(path).read_text()) or {}
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
-            if not key:
+            if not key and section != "seed_everything":
                 raise ValueError(f"override {dotted!r} must be section.key (e.g. ratios.mode)")
-            raw.setdefault(section, {})[key] = value
-        unknown = set(raw) - set(cls.SECTIONS)
+            if section == "seed_everything":
+                raw[section] = value
+            else:
+                raw.setdefault(section, {})[key] = value
+        unknown = set(raw) - set(CONFIG_SECTIONS)
         if unknown:
-            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {', '.join(cls.SECTIONS)}")
-        section = {name: dict(raw.get(name) or {}) for name in cls.SECTIONS if name != "seed_everything"}
-        recipe = Recipe(**{k: section[k] for k in ("quant", "ratios", "sensitivity", "reconstruction")})
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {', '.join(CONFIG_SECTIONS)}")
+        seed = raw.get("seed_everything", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{path}: seed_everything={seed!r}; give an integer")
+        section = {name: dict(raw.get(name) or {}) for name in CONFIG_SECTIONS if name != "seed_everything"}
         trainer = {k: v for k, v in section["trainer"].items() if k in ("accelerator", "devices", "strategy")}
-        return cls(ModelOptions(**section["model"]), CalibrationOptions(**section["data"]), recipe,
-                   ExportOptions(**section["export"]), EvaluationOptions(**section["evaluation"]),
-                   PlotOptions(**section["plots"]), trainer)
+        outputs = {name: cls_(**section[name]) for name, cls_ in OUTPUT_SECTIONS.items()}
+        return cls(ModelOptions(**section["model"]), CalibrationOptions(**section["data"]),
+                   Recipe(**{k: section[k] for k in SECTIONS}), **outputs, trainer=trainer, seed_everything=seed)
 
     def run(self, run_dir: str | Path, **trainer) -> QuantizeResult:
         """:func:`quantize` with every section of this config (no logger unless ``logger=...`` is given)."""
         import lightning as L
 
-        L.seed_everything(0, verbose=False)  # as hiq fit does (seed_everything: 0)
+        L.seed_everything(self.seed_everything, verbose=False)  # as hiq fit does
         return quantize(self.model, recipe=self.recipe, calibration=self.data, run_dir=run_dir, export=self.export,
                         evaluation=self.evaluation, plots=self.plots, trainer={**self.trainer, **trainer})

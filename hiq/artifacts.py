@@ -202,45 +202,33 @@ def manifest_problem(directory: str | Path, key: str) -> str | None:
 
 
 class RunDir:
-    """Names of the artifacts inside one run directory."""
+    """The one list of what a run directory holds (:data:`ENTRIES`) and the path of each artifact in it."""
+
+    #: Every file and folder hiq writes into a run directory, in the order the stages write them (``--overwrite``
+    #: removes exactly these; the export folders are :data:`hiq.recipe.EXPORT_FORMATS`' values).
+    ENTRIES = {"manifest": "run.json", "fisher": "fisher.safetensors", "sensitivity": "sensitivity",
+               "ratios": "ratios.json", "plots": "plots", "blocks": "blocks", "tuning": "tuning.safetensors",
+               "model": "model", "packed": "packed", "compressed-tensors": "compressed-tensors", "eval": "eval",
+               "metrics": "metrics.json"}
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    @property
-    def fisher(self) -> Path:
-        return self.root / "fisher.safetensors"
+    def __getattr__(self, name: str) -> Path:  # run.fisher, run.ratios, run.tuning, run.metrics, run.model, ...
+        if name in RunDir.ENTRIES:
+            return self.root / RunDir.ENTRIES[name]
+        raise AttributeError(f"a run directory has no {name!r}; it holds {', '.join(RunDir.ENTRIES)}")
 
     def sensitivity(self, block: int) -> Path:
+        """The matrix M of one block (:mod:`hiq.sensitivity`)."""
         return self.root / "sensitivity" / f"block_{block:02d}.safetensors"
-
-    @property
-    def ratios(self) -> Path:
-        return self.root / "ratios.json"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
 
     def block(self, block: int) -> Path:
         """Finished block: integer codes, scales, zeros and permutation of its linears, plus losses."""
         return self.root / "blocks" / f"block_{block:02d}.safetensors"
 
-    @property
-    def tuning(self) -> Path:
-        """The end-to-end tuned scales of every reconstructed layer (:mod:`hiq.tuning`)."""
-        return self.root / "tuning.safetensors"
-
     def evaluation(self, name: str) -> Path:
         return self.root / "eval" / f"{name}.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
 
 
 def peak_memory_mb() -> dict[str, float]:

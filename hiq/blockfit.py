@@ -18,9 +18,9 @@ import lightning as L
 import torch
 
 from hiq.model import BlockInputs, run_block, to_device
-from hiq.quant.bits import record_bits
-from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record
+from hiq.quant.hybrid import HybridLinear
 from hiq.quant.mixed import mixed_fake_quant
+from hiq.quant.record import LayerRecord
 from hiq.schedules import GammaAnnealing, StepProgressBar
 from hiq.sensitivity import swapped_weights
 
@@ -93,15 +93,16 @@ def reduce_loss(rt, pair: tuple[float, int]) -> float:
 
 
 @torch.no_grad()
-def install_records(block: torch.nn.Module, layout, layers: dict[str, dict]) -> None:
-    """Give the block's linears the dequantised weights of their records (checked against the layer shapes)."""
+def install_records(block: torch.nn.Module, layout, layers: dict[str, LayerRecord | dict]) -> None:
+    """Give the block's linears the dequantised weights of their records (:class:`LayerRecord` or its serialised
+    form, as a block file holds it; checked against the layer shapes)."""
     linears = dict(layout.block_linears(block))
     missing = sorted(set(linears) - set(layers))
     if missing:
         raise ValueError(f"the block record has no layers {missing}")
     for name, record in layers.items():
         lin = linears[name]
-        weight = dequantize_record(record)
+        weight = LayerRecord.from_dict(record).dequantize()
         if weight.shape != lin.weight.shape:
             raise ValueError(f"record for {name} has shape {tuple(weight.shape)}, layer {tuple(lin.weight.shape)}")
         lin.weight.data = weight.to(device=lin.weight.device, dtype=lin.weight.dtype)
@@ -109,36 +110,45 @@ def install_records(block: torch.nn.Module, layout, layers: dict[str, dict]) -> 
 
 def block_summary(b: int, result: dict) -> dict:
     """Losses, time, code bits, storage bits and parameter count of a finished block."""
-    bits = [record_bits(r) for r in result["layers"].values()]
+    records = [LayerRecord.from_dict(r) for r in result["layers"].values()]
+    bits = [r.bits() for r in records]
     return {"block": b, "loss_rtn": result["loss_rtn"], "loss_final": result["loss_final"],
             "seconds": result["seconds"], "weight_bits": sum(x[0] for x in bits),
-            "storage_bits": sum(x[1] for x in bits),
-            "params": sum(r["perm"].numel() * r["high"]["codes"].shape[0] for r in result["layers"].values())}
+            "storage_bits": sum(x[1] for x in bits), "params": sum(r.params for r in records)}
+
+
+def fit_trainer(rt, max_steps: int, callbacks: list[L.Callback], log_every_n_steps: int,
+                gradient_clip_val: float | None = None) -> L.Trainer:
+    """The ``Trainer`` of every inner fit (a block's reconstruction, the end-to-end tuning): ``max_steps`` steps on
+    the run's compute device, the run's logger on rank 0, no checkpoints, summary or sanity steps."""
+    device = rt.device
+    return L.Trainer(
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_steps=max_steps, max_epochs=-1, logger=rt.logger if rt.is_global_zero and rt.logger else False,
+        callbacks=callbacks, gradient_clip_val=gradient_clip_val, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        log_every_n_steps=min(log_every_n_steps, max_steps), default_root_dir=str(rt.run.root),
+    )
 
 
 def inner_trainer(rt, opts, description: str) -> L.Trainer:
     """The Trainer of one block fit: max_steps = iterations, annealing, clipping, the run's logger on rank 0."""
-    device = rt.device
     callbacks: list[L.Callback] = [GammaAnnealing(opts.iterations, opts.warmup, opts.beta_start, opts.beta_end)]
     if rt.is_global_zero:
         callbacks.append(StepProgressBar(description, opts.iterations))
     # a signed step only sees each gradient's sign, which scaling the gradient by a clipping factor never changes:
     # clipping SignRound's gradients would cost a norm over every parameter per step for nothing
     signed_only = opts.high_quantizer == opts.normal_quantizer == "signround"
-    return L.Trainer(
-        accelerator="cuda" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        max_steps=opts.iterations, max_epochs=-1, logger=rt.logger if rt.is_global_zero and rt.logger else False,
-        callbacks=callbacks, gradient_clip_val=None if signed_only else opts.gradient_clip_val,
-        enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-        log_every_n_steps=min(opts.log_every_n_steps, opts.iterations), default_root_dir=str(rt.run.root),
-    )
+    return fit_trainer(rt, opts.iterations, callbacks, opts.log_every_n_steps,
+                       None if signed_only else opts.gradient_clip_val)
 
 
-def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],
-              description: str) -> tuple[dict[str, dict], int]:
-    """Fit block ``b``'s hybrid linears; returns ``({linear name: integer record}, optimizer steps)``.
+def fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],
+              quant, opts, rt, description: str) -> tuple[dict[str, LayerRecord], int]:
+    """Fit block ``b``'s hybrid linears (``quant``: :class:`hiq.recipe.QuantOptions`, ``opts``:
+    :class:`hiq.recipe.ReconstructionOptions`, ``rt``: where it runs, :class:`hiq.pipeline.Runtime`); returns
+    ``({linear name: integer record}, optimizer steps)``.
 
     The fit's working set (learned offsets, their gradients, the best step's copy: several times the block's weights)
     is freed before this returns. A ``Trainer``, its module and its optimizer refer to each other, so without a
@@ -147,21 +157,20 @@ def fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInput
     import gc
 
     try:
-        return _fit_block(job, b, block, scores, ratios, inputs, targets, description)
+        return _fit_block(block, layout, b, scores, ratios, inputs, targets, quant, opts, rt, description)
     finally:
         gc.collect()
 
 
-def _fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],
-               description: str) -> tuple[dict[str, dict], int]:
-    opts, q, rt = job.recipe.reconstruction, job.recipe.quant, job.rt
+def _fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],
+               q, opts, rt, description: str) -> tuple[dict[str, dict], int]:
     device = rt.device
     kwargs = inputs.shared_kwargs()
     if kwargs is None:
         raise ValueError("calibration windows give different block arguments (lengths or masks differ); "
                          "block reconstruction needs windows of one length")
     hybrids, originals = [], {}
-    for name, lin in job.layout.block_linears(block):
+    for name, lin in layout.block_linears(block):
         hybrid = HybridLinear(lin, scores[name], ratios[name], q.bits_high, q.bits, q.group_size,
                               opts.high_quantizer, opts.lwc_init, opts.normal_quantizer).to(device)
         originals[name] = _swap(block, name, hybrid)
@@ -180,8 +189,9 @@ def _fit_block(job, b: int, block, scores: dict, ratios: dict, inputs: BlockInpu
         if inner.global_step < opts.iterations:
             raise RuntimeError(f"block {b}: the fit stopped after {inner.global_step} of {opts.iterations} steps")
         layers = {}
-        for (name, _), record in zip(hybrids, module.finished_records(), strict=True):
-            check_record_grid(record)
+        for (name, _), finished in zip(hybrids, module.finished_records(), strict=True):
+            record = LayerRecord.from_dict(finished)
+            record.check_grid()
             layers[name] = record
     finally:  # the block always gets its own nn.Linear modules back
         for name, lin in originals.items():

@@ -7,12 +7,16 @@ whose message names the bad value and the fix. The CLI prints it as one line and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hiq.artifacts import load_json, save_json
+from hiq.artifacts import RunDir, load_json, save_json
 
 
 class UserError(ValueError):
@@ -138,11 +142,16 @@ def check_trainer(trainer: dict) -> int:
     return world_size_of(trainer)
 
 
+def check_divisible(name: str, batch_size: int, world_size: int) -> None:
+    """A batch (``name``, over all processes) splits evenly over the ``world_size`` processes."""
+    if batch_size % world_size:
+        raise UserError(f"{name}={batch_size} is not divisible by the {world_size} processes "
+                        f"(trainer.devices x num_nodes); use a multiple of {world_size}")
+
+
 def check_batches(batch_size: int, windows: int, world_size: int) -> None:
     """The reconstruction batch splits evenly over the processes and fits into the windows each one gets."""
-    if batch_size % world_size:
-        raise UserError(f"reconstruction.batch_size={batch_size} is not divisible by the {world_size} processes "
-                        f"(trainer.devices x num_nodes); use a multiple of {world_size}")
+    check_divisible("reconstruction.batch_size", batch_size, world_size)
     if world_size > 1 and windows // world_size < batch_size // world_size:
         raise UserError(f"reconstruction.batch_size={batch_size} over {world_size} processes needs "
                         f"{batch_size // world_size} windows per process but each gets {windows // world_size} "
@@ -155,10 +164,9 @@ def check_batches(batch_size: int, windows: int, world_size: int) -> None:
 
 #: The run folder's manifest: the model, recipe and calibration its artifacts come from (another value of any
 #: of these is another run).
-MANIFEST = "run.json"
+MANIFEST = RunDir.ENTRIES["manifest"]
 #: Everything hiq writes into a run folder (``--overwrite`` removes exactly these).
-ARTIFACTS = ("run.json", "fisher.safetensors", "sensitivity", "ratios.json", "plots", "blocks", "model", "packed",
-             "compressed-tensors", "eval", "metrics.json")
+ARTIFACTS = tuple(RunDir.ENTRIES.values())
 
 
 def run_manifest(model: str, recipe: dict, calibration: dict) -> dict:
@@ -321,3 +329,53 @@ def check_host_memory(resolved: str, dtype_bytes: int, block_on_host: bool, avai
             f"{FIT_BASE_BYTES / gib:.0f} GiB libraries and caches); {available / gib:.1f} GiB is available. Use a "
             f"machine with more memory, load it in bfloat16 (--model.dtype=bfloat16) if it is not, or set "
             f"HIQ_SKIP_MEMORY_CHECK=1 to try anyway")
+
+
+_CLAIMED: set[tuple[str, str]] = set()
+
+
+def claim_run_folder(root, model_name: str, recipe, calibration,
+                     overwrite: bool = False, check_only: bool = False) -> str:
+    """One run per folder (:func:`hiq.checks.prepare_run_folder`); DDP children only check, the launcher writes.
+    ``check_only``: raise if the folder holds another run (and no ``overwrite``), change nothing."""
+    manifest = run_manifest(model_name, recipe.run_dict(), asdict(calibration))
+    if check_only:
+        return prepare_run_folder(root, manifest, overwrite, write=False)
+    claim = (str(Path(root).resolve()), json.dumps(manifest, sort_keys=True))
+    if claim in _CLAIMED:  # hiq fit claimed it while validating, before the model loaded
+        return "claimed"
+    writes = launcher()
+    status = prepare_run_folder(root, manifest, overwrite, write=writes)
+    _CLAIMED.add(claim)
+    if writes and status != "new":
+        print(f"[hiq] run directory {root}: " + {
+            "resume": "same run found; finished stages are reused after their checks",
+            "overwritten": "another run's artifacts removed (--overwrite)",
+            "adopted": "artifacts without run.json found; each is reused only if its key and checksum match"}[status],
+            file=sys.stderr)
+    return status
+
+
+def check_windows(recipe, nsamples: int, world_size: int = 1) -> None:
+    """Before any heavy work: the stages ask for no more calibration windows than there are."""
+    rec, sens = recipe.reconstruction, recipe.sensitivity
+    if rec.enabled:
+        windows = min(rec.nsamples or nsamples, nsamples)
+        check_batches(rec.batch_size, windows, world_size)
+        if rec.batch_size > windows:
+            raise ValueError(f"reconstruction.batch_size={rec.batch_size} is larger than the {windows} calibration "
+                             f"windows the block fits get (data.nsamples={nsamples}"
+                             + (f", reconstruction.nsamples={rec.nsamples}" if rec.nsamples else "")
+                             + f"); lower reconstruction.batch_size to at most {windows} or raise data.nsamples")
+        if rec.tune_steps and rec.tune_batch_size > windows:
+            raise ValueError(f"reconstruction.tune_batch_size={rec.tune_batch_size} is larger than the {windows} "
+                             f"calibration windows the end-to-end tuning gets; lower it to at most {windows}, raise "
+                             f"data.nsamples, or set reconstruction.tune_steps=0 (no tuning)")
+    if sens.enabled and recipe.ratios.mode == "optimal" and sens.nsamples > nsamples:
+        raise ValueError(f"sensitivity.nsamples={sens.nsamples} is larger than data.nsamples={nsamples}; lower it "
+                         f"or raise data.nsamples")
+
+
+def default_run_dir(name: str, now: str | None = None) -> str:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``: one directory per run."""
+    return str(Path("runs") / f"{name}-{now or time.strftime('%Y%m%d-%H%M%S')}")

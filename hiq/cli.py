@@ -1,28 +1,29 @@
-"""The ``hiq`` command line, over the Python API (:mod:`hiq.api`).
+"""The hiq command line, over the Python API (hiq.api). This text is what hiq --help prints.
 
-``hiq fit``   the method on a model (LightningCLI -> :func:`hiq.quantize`): Fisher scores -> matrix M -> HiGHS
-              ratios -> hybrid block reconstruction -> export -> evaluation; artifacts in
-              ``--trainer.default_root_dir``.
-``hiq eval``  load a causal LM, optionally quantize its block linears with RTN, report avg bits, perplexity on
-              WikiText-2 and the C4 sample and zero-shot accuracy (:func:`hiq.evaluate`), write the result as JSON.
-              A packed hiq checkpoint scores as it is (``--quant.method=none``).
-``hiq export RUN_DIR``  the packed checkpoint (and compressed-tensors for single-width runs) of a finished run.
-``hiq generate``  ``--model.path=DIR --prompt TEXT``: the continuation a (quantized) model writes.
+hiq fit       the method on a model (LightningCLI -> hiq.quantize): Fisher scores -> matrix M -> HiGHS ratios
+              -> block reconstruction -> scale tuning -> export -> evaluation; artifacts in
+              --trainer.default_root_dir.
+hiq eval      load a causal LM, optionally quantize its block linears with RTN, report avg bits, perplexity on
+              WikiText-2 and the C4 sample and zero-shot accuracy (hiq.evaluate), write the result as JSON.
+              A packed hiq checkpoint scores as it is (--quant.method=none).
+hiq export    RUN_DIR: the packed checkpoint (and compressed-tensors for single-width runs) of a finished run.
+hiq generate  --model.path=DIR --prompt TEXT: the continuation a (quantized) model writes.
 
-One vocabulary for both (the dataclasses of :mod:`hiq.recipe`): ``--model.path``, ``--model.dtype``,
-``--quant.bits``, ``--quant.group_size``, ``--evaluation.datasets``, ``--evaluation.tasks``; ``hiq fit`` adds
-``--quant.bits_high``, ``--data.*`` (calibration), ``--ratios.*``, ``--sensitivity.*``, ``--reconstruction.*``,
-``--export.*``, ``--plots.*`` and ``--trainer.*``; ``hiq eval`` adds ``--quant.method`` and ``--output``.
-A YAML file with ``--config``; ``--print_config`` shows the merged config.
+One vocabulary for all (the dataclasses of hiq.recipe): --model.path, --model.dtype, --quant.bits,
+--quant.group_size, --evaluation.datasets, --evaluation.tasks; hiq fit adds --quant.bits_high, --data.*
+(calibration), --ratios.*, --sensitivity.*, --reconstruction.*, --export.*, --plots.* and --trainer.*;
+hiq eval adds --quant.method and --output. A YAML file with --config; --print_config shows the merged config.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from hiq.checks import launcher
@@ -32,11 +33,42 @@ from hiq.version import __version__
 FIT_SECTIONS = ("quant", "ratios", "sensitivity", "reconstruction", "export", "evaluation", "plots")
 
 
+#: Sphinx markup in the docstrings the help text is built from (hiq's and Lightning's): ``:role:`target```,
+#: ``` ``literal`` ```, ```text <url>`_`` links. ``~a.b.c`` shows as ``c``, as Sphinx renders it.
+_RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`]+)`")
+_RST_LINK = re.compile(r"`([^`<]+?)\s*<([^>]+)>`_{1,2}")
+_RST_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as plain text for a terminal: Sphinx roles, literals and links unwrapped."""
+    text = _RST_ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = _RST_LINK.sub(r"\1 (\2)", text)
+    return _RST_LITERAL.sub(r"\1", text)
+
+
+def _help_formatter():
+    """jsonargparse's help formatter with the help and description text made plain before it is wrapped."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class PlainHelpFormatter(DefaultHelpFormatter):
+        def _split_lines(self, text, width):
+            return super()._split_lines(plain_text(text), width)
+
+        def _fill_text(self, text, width, indent):
+            return super()._fill_text(plain_text(text), width, indent)
+
+        def start_section(self, heading):  # argument group titles (a dataclass docstring's first line)
+            super().start_section(plain_text(heading) if heading else heading)
+
+    return PlainHelpFormatter
+
+
 def build_eval_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from hiq.api import RTNOptions, evaluate
-    from hiq.recipe import EvaluationOptions, ModelOptions
+    from hiq.api import evaluate
+    from hiq.recipe import EvaluationOptions, ModelOptions, RTNOptions
 
     parser = ArgumentParser(prog="hiq eval", description=evaluate.__doc__, default_env=False, **_parser_kwargs())
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with model/quant/evaluation keys")
@@ -64,7 +96,7 @@ def eval_main(argv: list[str]) -> int:
 
 def default_run_dir(config_paths: list, now: str | None = None) -> str:
     """``runs/<config folder>-<config name>-<YYYYmmdd-HHMMSS>``: one directory per run."""
-    from hiq.api import default_run_dir as named
+    from hiq.checks import default_run_dir as named
 
     stem = Path(str(config_paths[-1])).stem if config_paths else "run"
     parent = Path(str(config_paths[-1])).parent.name if config_paths else ""
@@ -98,8 +130,8 @@ def validate_fit_config(cfg) -> dict:
     the run folder (one run per folder) and the calibration text (tokenised here; the windows are returned and
     reused). Raises ``ValueError`` naming the value and the fix."""
     import hiq.recipe as R
-    from hiq.api import _check_windows, claim_run_folder
-    from hiq.checks import check_model_dir, check_trainer, model_context
+    from hiq.checks import check_model_dir, check_trainer, claim_run_folder, model_context
+    from hiq.checks import check_windows as _check_windows
     from hiq.modules import CalibrationData
     from hiq.perplexity import check_evaluation
 
@@ -144,8 +176,17 @@ USER_ERRORS: tuple = (ValueError, FileNotFoundError, NotADirectoryError, IsADire
 
 def _parser_kwargs() -> dict:
     """Parse errors raise (printed as one line) instead of printing the whole usage; no option prefixes
-    (``--reconstruction.iteration`` is a typo, not ``iterations``)."""
-    return {"exit_on_error": False, "allow_abbrev": False}
+    (``--reconstruction.iteration`` is a typo, not ``iterations``); help as plain text."""
+    return {"exit_on_error": False, "allow_abbrev": False, "formatter_class": _help_formatter()}
+
+
+def log_run_config(loggers, recipe, calibration) -> dict:
+    """The run's recipe (``Recipe.to_dict()``, with its key) and calibration options as the loggers' run config
+    (W&B's ``config``, CSVLogger's ``hparams.yaml``), before the first fit; the names ``metrics.json`` uses."""
+    params = {"recipe": recipe.to_dict(), "recipe_key": recipe.key(), "calibration": asdict(calibration)}
+    for logger in loggers:
+        logger.log_hyperparams(params)
+    return params
 
 
 def fit_main(argv: list[str]) -> int:
@@ -191,12 +232,13 @@ def fit_main(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = HiQCLI(HiQPipeline, CalibrationData, args=argv, run=False, trainer_defaults=TRAINER_DEFAULTS,
                      save_config_kwargs={"overwrite": True}, seed_everything_default=0,
-                     parser_kwargs=_parser_kwargs())
+                     parser_kwargs={**_parser_kwargs(), "prog": "hiq fit", "description": fit_main.__doc__})
     init = cli.config_init
     if prepared.get("options") == cli.datamodule.options:
         cli.datamodule.use_windows(prepared["windows"])
     recipe = R.Recipe(quant=init.quant, ratios=init.ratios, sensitivity=init.sensitivity,
                       reconstruction=init.reconstruction)
+    log_run_config(cli.trainer.loggers, recipe, cli.datamodule.options)
     quantize(cli.model, recipe=recipe, calibration=cli.datamodule, export=init.export,
              evaluation=init.evaluation, plots=init.plots, trainer=cli.trainer, overwrite=init.overwrite)
     return 0
@@ -218,7 +260,7 @@ def export_main(argv: list[str]) -> int:
                         help="source model when the run's metrics.json does not name it")
     cfg = parser.parse_args(argv)
     written = export_run(cfg.run_dir, cfg.formats, cfg.output, cfg.model.path)
-    from hiq.pipeline import dir_megabytes
+    from hiq.export import dir_megabytes
 
     for fmt, path in written.items():
         print(f"{fmt}: {path} ({dir_megabytes(Path(path)):.2f} MB)")
@@ -252,8 +294,8 @@ COMMANDS = {"eval": eval_main, "export": export_main, "fit": fit_main, "generate
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print(f"\nusage: hiq {{{','.join(COMMANDS)}}} [--config FILE] [--key.sub VALUE ...]  (hiq CMD --help)")
+        print(f"usage: hiq {{{','.join(COMMANDS)}}} [--config FILE] [--key.sub VALUE ...]  (hiq CMD --help)\n")
+        print(plain_text(__doc__.strip()))
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         print(f"hiq {__version__}")

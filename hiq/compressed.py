@@ -21,21 +21,22 @@ import torch
 from torch import nn
 
 from hiq.artifacts import write_manifest
+from hiq.quant.record import LayerRecord
 
 __all__ = ["check_single_width", "save_compressed_tensors"]
 
 
-def check_single_width(records: dict[str, dict]) -> None:
+def check_single_width(records: dict[str, LayerRecord]) -> None:
     """Raise ``ValueError`` naming the first layer that holds columns of two widths (or a grouped layer whose
     columns do not split into whole groups, which the ``group`` strategy cannot hold)."""
     for name, record in records.items():
-        if int(record["n_high"]):
+        if record.n_high:
             raise ValueError(
-                f"layer {name} has {int(record['n_high'])} high-impact columns at {record['bits_high']} bits beside "
-                f"{record['bits_low']}-bit ones; compressed-tensors holds one bit width per layer: export "
+                f"layer {name} has {record.n_high} high-impact columns at {record.bits_high} bits beside "
+                f"{record.bits_low}-bit ones; compressed-tensors holds one bit width per layer: export "
                 f"compressed-tensors only for runs with every ratio 0 (e.g. --ratios.fixed_ratio=0), use the packed "
                 f"format otherwise")
-        g, width = record["group_size"], int(record["perm"].numel())
+        g, width = record.group_size, record.in_features
         if g is not None and width % g:
             raise ValueError(f"layer {name}: {width} columns are not a whole number of groups of {g}; the "
                              f"compressed-tensors group strategy needs equal groups")
@@ -49,7 +50,7 @@ def _scheme(bits: int, group_size: int | None, targets: list[str]):
     return QuantizationScheme(targets=targets, weights=args)
 
 
-def save_compressed_tensors(model: nn.Module, records: dict[str, dict], out_dir: str | Path, tokenizer=None,
+def save_compressed_tensors(model: nn.Module, records: dict[str, LayerRecord], out_dir: str | Path, tokenizer=None,
                             dtype: torch.dtype | None = None, info: dict | None = None) -> Path:
     """Write ``records`` (full module name -> finished single-width record) and the model's other tensors as a
     compressed-tensors ``pack-quantized`` checkpoint, atomically."""
@@ -61,6 +62,7 @@ def save_compressed_tensors(model: nn.Module, records: dict[str, dict], out_dir:
     from hiq.packed import unquantized_tensors, write_model_files
     from hiq.quant.bits import stored_dtype
 
+    records = {name: LayerRecord.from_dict(r) for name, r in records.items()}  # a block file's form is read too
     check_single_width(records)
     out_dir = Path(out_dir)
     dtype = dtype or stored_dtype(model)
@@ -70,15 +72,15 @@ def save_compressed_tensors(model: nn.Module, records: dict[str, dict], out_dir:
     by_bits: dict[int, list[str]] = {}
     group_size = None
     for name, record in records.items():
-        part, bits = record["normal"], int(record["bits_low"])
+        part, bits = record.normal, record.bits_low
         offset = 1 << (bits - 1)
-        group_size = record["group_size"]
-        codes = part["codes"].to(torch.int16) - offset
-        zero = part["zero"].round().to(torch.int16) - offset
+        group_size = record.group_size
+        codes = part.codes.to(torch.int16) - offset
+        zero = part.zero.round().to(torch.int16) - offset
         tensors[f"{name}.weight_packed"] = pack_to_int32(codes.to(torch.int8), bits)
-        tensors[f"{name}.weight_scale"] = part["scale"].to(dtype).contiguous()
+        tensors[f"{name}.weight_scale"] = part.scale.to(dtype).contiguous()
         tensors[f"{name}.weight_zero_point"] = pack_to_int32(zero.to(torch.int8), bits, packed_dim=0)
-        tensors[f"{name}.weight_shape"] = torch.tensor(tuple(part["codes"].shape), dtype=torch.int64)
+        tensors[f"{name}.weight_shape"] = torch.tensor(tuple(part.codes.shape), dtype=torch.int64)
         bias = getattr(modules[name], "bias", None)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.detach().to(dtype).contiguous()

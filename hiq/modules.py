@@ -11,6 +11,7 @@ why: :mod:`hiq.pipeline`): each stage is a pass over calibration data, and block
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -182,3 +183,37 @@ class CalibrationData(L.LightningDataModule):
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.windows()), batch_size=1)
+
+
+def as_pipeline(model, tokenizer, dtype: str) -> HiQPipeline:
+    """What :func:`hiq.quantize` was given as the model, as a :class:`HiQPipeline`."""
+    if isinstance(model, HiQPipeline):
+        return model
+    if isinstance(model, ModelOptions):
+        return HiQPipeline(model.path, model.dtype, model.trust_remote_code)
+    if isinstance(model, str | Path):
+        return HiQPipeline(str(model), dtype)
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("quantize(model=<a loaded model>) needs its tokenizer: quantize(model, tokenizer, ...)")
+        return HiQPipeline.from_model(model, tokenizer)
+    raise TypeError(f"model must be a path/hub id, ModelOptions, a loaded causal LM or HiQPipeline; got "
+                    f"{type(model).__name__}")
+
+
+def as_calibration(calibration, tokenizer_path: str) -> CalibrationData:
+    """What :func:`hiq.quantize` was given as calibration, as a :class:`CalibrationData`."""
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationData.from_windows(calibration)
+    if calibration is None:
+        calibration = CalibrationOptions()
+    elif isinstance(calibration, str):
+        calibration = CalibrationOptions(dataset=calibration)
+    elif isinstance(calibration, dict):
+        calibration = CalibrationOptions(**calibration)
+    if not isinstance(calibration, CalibrationOptions):
+        raise TypeError(f"calibration must be a dataset name, CalibrationOptions, a dict or a (n, seqlen) token "
+                        f"tensor; got {type(calibration).__name__}")
+    return CalibrationData(**asdict(calibration), tokenizer_path=tokenizer_path)

@@ -47,6 +47,7 @@ from torch import nn
 from hiq.artifacts import file_sha256, staged_directory, write_manifest
 from hiq.quant.grid import group_widths
 from hiq.quant.packing import pack_codes, packed_nbytes, unpack_codes
+from hiq.quant.record import LayerRecord
 
 __all__ = [
     "FORMAT_VERSION",
@@ -80,13 +81,11 @@ def _index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def layer_geometry(record: dict, bias: bool) -> dict:
+def layer_geometry(record: LayerRecord, bias: bool) -> dict:
     """What a loader needs to build a layer's buffers, from a finished record
     (:meth:`hiq.quant.hybrid.HybridLinear.finish`)."""
-    out_features = int(record["high"]["codes"].shape[0])
-    return {"in_features": int(record["perm"].numel()), "out_features": out_features,
-            "bits_high": int(record["bits_high"]), "bits_low": int(record["bits_low"]),
-            "n_high": int(record["n_high"]), "group_size": record["group_size"], "bias": bool(bias)}
+    return {"in_features": record.in_features, "out_features": record.out_features, "bits_high": record.bits_high,
+            "bits_low": record.bits_low, "n_high": record.n_high, "group_size": record.group_size, "bias": bool(bias)}
 
 
 def _part_widths(geometry: dict) -> dict[str, tuple[int, int]]:
@@ -114,14 +113,13 @@ def packed_tensor_specs(geometry: dict) -> dict[str, tuple[tuple[int, ...], torc
     return specs
 
 
-def pack_layer(record: dict) -> dict[str, torch.Tensor]:
+def pack_layer(record: LayerRecord) -> dict[str, torch.Tensor]:
     """The packed tensors of one finished layer (without bias), keyed by suffix."""
     out: dict[str, torch.Tensor] = {}
-    n_high, in_features = int(record["n_high"]), int(record["perm"].numel())
-    if n_high:
-        out["high_index"] = record["perm"][:n_high].to(_index_dtype(in_features)).contiguous()
-    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
-        codes, scale, zero = (record[part][k] for k in ("codes", "scale", "zero"))
+    if record.n_high:
+        out["high_index"] = record.perm[:record.n_high].to(_index_dtype(record.in_features)).contiguous()
+    for part, bits, codes_of in record.parts():
+        codes, scale, zero = codes_of.codes, codes_of.scale, codes_of.zero
         if codes.shape[1] == 0:
             continue
         half = scale.to(torch.float16)
@@ -336,7 +334,7 @@ def unquantized_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) ->
     return out
 
 
-def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path, tokenizer=None,
+def save_packed(model: nn.Module, records: dict[str, LayerRecord], out_dir: str | Path, tokenizer=None,
                 dtype: torch.dtype | None = None, info: dict | None = None) -> Path:
     """Write the packed checkpoint of ``model`` whose block linears ``records`` describe (full module name ->
     finished record); atomically (a temporary directory renamed into place). ``dtype``: of the unquantized tensors
@@ -349,6 +347,7 @@ def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path,
     if not records:
         raise ValueError("no quantized layers to pack (was the reconstruction run?)")
     dtype = dtype or stored_dtype(model)
+    records = {name: LayerRecord.from_dict(r) for name, r in records.items()}  # a block file's form is read too
     modules = dict(model.named_modules())
     unknown = sorted(set(records) - set(modules))
     if unknown:
@@ -377,8 +376,7 @@ def save_packed(model: nn.Module, records: dict[str, dict], out_dir: str | Path,
         # differ between two exports of the same weights
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         first = next(iter(records.values()))
-        config = HiQConfig(layers=layers, bits=int(first["bits_low"]), bits_high=int(first["bits_high"]),
-                           group_size=first["group_size"],
+        config = HiQConfig(layers=layers, bits=first.bits_low, bits_high=first.bits_high, group_size=first.group_size,
                            checksums={WEIGHTS_NAME: file_sha256(tmp / WEIGHTS_NAME)})
         write_model_files(tmp, model, config.to_dict(), dtype, tokenizer)
         write_manifest(tmp, {"format_version": FORMAT_VERSION, **(info or {})})

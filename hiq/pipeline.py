@@ -45,32 +45,18 @@ from hiq.artifacts import (
     peak_memory_mb,
     save_json,
     save_tensors,
-    staged_directory,
-    write_manifest,
 )
+from hiq.checks import check_divisible
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, float32_cpu_linears
 from hiq.quant.grid import setting_label as setting_label_of
 from hiq.quant.hybrid import RECORD_FORMAT
-from hiq.recipe import (
-    CalibrationOptions,
-    EvaluationOptions,
-    ExportOptions,
-    PlotOptions,
-    Recipe,
-    digest,
-)
+from hiq.quant.record import LayerRecord
+from hiq.recipe import CalibrationOptions, EvaluationOptions, ExportOptions, PlotOptions, Recipe, digest
+from hiq.schedules import info
 from hiq.version import __version__
 
 STAGES = ("fisher", "sensitivity", "ratios", "plots", "reconstruction", "tuning", "export", "evaluation")
-
-
-def info(message: str, rt: Runtime | None = None) -> None:
-    """Progress line on stderr, once per run (rank 0)."""
-    import sys
-
-    if rt is None or rt.is_global_zero:
-        print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,6 +196,32 @@ def load_if_current(path: Path, key: str, json_file: bool = False, rt: Runtime |
     return saved
 
 
+def cached(rt: Runtime, path: Path, key: str, compute: Callable[[], dict], *, json_file: bool = False,
+           writer: bool | None = None, may_compute: bool = True) -> tuple[dict | None, bool]:
+    """One cached step: ``(artifact, reused)``. The artifact at ``path`` when it holds ``key`` (checked by
+    :func:`load_if_current`); otherwise ``compute()``'s result with ``key`` added, saved by the ``writer`` rank
+    (default rank 0) — or ``(None, False)`` when this rank may not compute it (another rank's block)."""
+    saved = load_if_current(path, key, json_file=json_file, rt=rt)
+    if saved is not None:
+        return saved, True
+    if not may_compute:
+        return None, False
+    result = {**compute(), "key": key}
+    if rt.is_global_zero if writer is None else writer:
+        (save_json(path, result, sealed=True) if json_file else save_tensors(path, result))
+    return result, False
+
+
+def done(job: Job, stage: str, seconds: float, logged: dict | None, message: str | None) -> None:
+    """The end of a stage: its time in ``metrics.json``'s ``stage_seconds``, ``logged`` to the run's logger, a
+    progress line."""
+    job.state.timings[stage] = seconds
+    if logged:
+        job.rt.log(logged)
+    if message:
+        info(f"[hiq] {message}", job.rt)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The block loop shared by M and reconstruction
 
@@ -275,21 +287,24 @@ class BlockLoop:
 # The stages, in the order they run
 
 
-def fisher_stage(job: Job) -> None:
+def fisher_stage(job: Job, options=None) -> None:
     """Step 1: empirical Fisher diagonal of the LM loss -> one impact score per input column
     (``fisher.safetensors``)."""
+    rt, path = job.rt, job.rt.run.fisher
+    saved, reused = cached(rt, path, job.key("fisher"), lambda: _fisher(job))
+    rt.barrier("fisher")
+    job.state.fisher = saved["scores"]
+    done(job, "fisher", saved["seconds"], None if reused else {"fisher/samples": saved["samples"]},
+         f"Fisher scores reused from {path}" if reused else
+         f"Fisher: {saved['samples']} samples in {saved['seconds']:.1f}s -> {path}")
+
+
+def _fisher(job: Job) -> dict:
     from tqdm.auto import tqdm
 
     from hiq.impact import FisherAccumulator
 
-    rt, path = job.rt, job.rt.run.fisher
-    key = job.key("fisher")
-    saved = load_if_current(path, key, rt=rt)
-    if saved is not None:
-        info(f"[hiq] Fisher scores reused from {path}", rt)
-        job.state.fisher, job.state.timings["fisher"] = saved["scores"], saved["seconds"]
-        return
-    t0 = time.time()
+    rt, t0 = job.rt, time.time()
     shard = job.windows[rt.rank :: rt.world_size]
     job.model.to(rt.device)
     acc = FisherAccumulator(job.model, job.layout.linears_of(job.model))
@@ -298,18 +313,11 @@ def fisher_stage(job: Job) -> None:
         acc.accumulate(shard, rt.device, on_sample=bar.update, batch_size=job.recipe.sensitivity.fisher_batch_size)
     if rt.world_size > 1:
         acc.reduce(rt.reduce_sum)
-    scores = acc.scores()
-    seconds = time.time() - t0
-    if rt.is_global_zero:
-        save_tensors(path, {"scores": scores, "samples": acc.samples, "key": key, "seconds": seconds,
-                            "calibration": job.calibration_key()})
-    rt.barrier("fisher")
-    job.state.fisher, job.state.timings["fisher"] = scores, seconds
-    rt.log({"fisher/seconds": seconds, "fisher/samples": acc.samples})
-    info(f"[hiq] Fisher: {acc.samples} samples in {seconds:.1f}s -> {path}", rt)
+    return {"scores": acc.scores(), "samples": acc.samples, "seconds": time.time() - t0,
+            "calibration": job.calibration_key()}
 
 
-def sensitivity_stage(job: Job) -> None:
+def sensitivity_stage(job: Job, options=None) -> None:
     """Step 2: the matrix M per block (paper Eq. 7-8) on cached block inputs; ``sensitivity/block_XX.safetensors``.
 
     Blocks are shared out across ranks (block b on rank b mod world_size) and gathered through the run directory.
@@ -325,38 +333,38 @@ def sensitivity_stage(job: Job) -> None:
     loop = BlockLoop(job, job.windows[: opts.nsamples], quantized_path=False)
     results: list[dict | None] = [None] * len(loop)
     t_all = time.time()
-    bar = tqdm(total=len(loop), desc="Sensitivity (M)", unit="block", disable=not rt.is_global_zero)
-    for step in loop:
-        b, path = step.index, rt.run.sensitivity(step.index)
-        saved = load_if_current(path, key, rt=rt)
-        if saved is not None:
-            results[b] = saved
-        elif b % rt.world_size == rt.rank:
-            block_scores = job.layout.block_part(scores, job.model, b)
-            res = measure_block(step.block, step.fp_inputs, block_scores, settings, rt.device, method=opts.method)
-            if opts.fidelity_assignments > 0:
-                res["fidelity"] = quadratic_fidelity(step.block, step.fp_inputs, block_scores, settings,
-                                                     res["matrix"], opts.fidelity_assignments,
-                                                     opts.fidelity_seed + b, rt.device)
-            res["key"] = key
-            save_tensors(path, res)
-            results[b] = res
-            bar.set_postfix(evals=res["evaluations"], s_per_block=f"{res['seconds']:.1f}")
-            rt.log({"sensitivity/evaluations": res["evaluations"], "sensitivity/seconds": res["seconds"]}, step=b)
-        bar.update()
-    bar.close()
+
+    def measure(step: BlockStep) -> dict:
+        block_scores = job.layout.block_part(scores, job.model, step.index)
+        res = measure_block(step.block, step.fp_inputs, block_scores, settings, rt.device, method=opts.method)
+        if opts.fidelity_assignments > 0:
+            res["fidelity"] = quadratic_fidelity(step.block, step.fp_inputs, block_scores, settings, res["matrix"],
+                                                 opts.fidelity_assignments, opts.fidelity_seed + step.index,
+                                                 rt.device)
+        return res
+
+    with tqdm(total=len(loop), desc="Sensitivity (M)", unit="block", disable=not rt.is_global_zero) as bar:
+        for step in loop:
+            b, path = step.index, rt.run.sensitivity(step.index)
+            mine = b % rt.world_size == rt.rank  # a block another rank measures is read once all are done
+            saved, reused = cached(rt, path, key, lambda step=step: measure(step), writer=mine, may_compute=mine)
+            if saved is not None:
+                results[b] = saved
+                if not reused:
+                    bar.set_postfix(evals=saved["evaluations"], s_per_block=f"{saved['seconds']:.1f}")
+                    rt.log({"sensitivity/evaluations": saved["evaluations"],
+                            "sensitivity/seconds": saved["seconds"]}, step=b)
+            bar.update()
     rt.barrier("sensitivity")
-    for b in range(len(results)):
-        if results[b] is None:  # measured by another rank
-            results[b] = load_tensors(rt.run.sensitivity(b))
+    results = [r if r is not None else load_tensors(rt.run.sensitivity(b)) for b, r in enumerate(results)]
     job.state.sensitivity = results
-    job.state.timings["sensitivity"] = sum(r["seconds"] for r in results)
     evals = sum(r["evaluations"] for r in results)
-    info(f"[hiq] M: {len(results)} blocks, {evals} block evaluations, {time.time() - t_all:.1f}s this run -> "
-         f"{rt.run.root / 'sensitivity'}", rt)
+    done(job, "sensitivity", sum(r["seconds"] for r in results), None,
+         f"M: {len(results)} blocks, {evals} block evaluations, {time.time() - t_all:.1f}s this run -> "
+         f"{rt.run.root / 'sensitivity'}")
 
 
-def ratio_stage(job: Job) -> None:
+def ratio_stage(job: Job, options=None) -> None:
     """Step 3: per-layer high-impact ratios by the exact MILP of Eq. 9 (HiGHS) or a baseline; ``ratios.json``."""
     from hiq.solver import solve_ratios
 
@@ -371,11 +379,10 @@ def ratio_stage(job: Job) -> None:
     if rt.is_global_zero:
         solution.write_json(rt.run.ratios)
     rt.barrier("ratios")
-    job.state.ratios, job.state.timings["ratios"] = solution, solution.solve_time_s
-    rt.log({"ratios/achieved_avg_bits": solution.achieved_avg_bits, "ratios/solve_time_s": solution.solve_time_s})
-    info(f"[hiq] ratios ({r.mode}): avg {solution.achieved_avg_bits:.4f} bits (target {r.target_avg_bits}), "
-         f"objective {solution.objective}, gap {solution.mip_gap}, {solution.solve_time_s:.2f}s -> {rt.run.ratios}",
-         rt)
+    job.state.ratios = solution
+    done(job, "ratios", solution.solve_time_s, {"ratios/achieved_avg_bits": solution.achieved_avg_bits},
+         f"ratios ({r.mode}): avg {solution.achieved_avg_bits:.4f} bits (target {r.target_avg_bits}), "
+         f"objective {solution.objective}, gap {solution.mip_gap}, {solution.solve_time_s:.2f}s -> {rt.run.ratios}")
 
 
 def plot_stage(job: Job, options: PlotOptions) -> None:
@@ -392,8 +399,9 @@ def plot_stage(job: Job, options: PlotOptions) -> None:
     log_images(job.rt.logger, files)
 
 
-def reconstruction_stage(job: Job) -> None:
-    """Step 4: hybrid AdaRound + LWC reconstruction, block by block, each block its own ``Trainer.fit``.
+def reconstruction_stage(job: Job, options=None) -> None:
+    """Step 4: hybrid block reconstruction (learned rounding of both parts), block by block, each block its own
+    ``Trainer.fit``.
 
     For block b the full-precision block on the full-precision path gives the targets; the block with hybrid
     linears is fitted on the quantized path's inputs (:func:`hiq.blockfit.fit_block`). The integer record of its
@@ -402,227 +410,125 @@ def reconstruction_stage(job: Job) -> None:
     """
     from tqdm.auto import tqdm
 
-    from hiq.blockfit import block_summary, fit_block, install_records, reconstruction_loss, reduce_loss, rtn_loss
+    from hiq.blockfit import block_summary, install_records
 
     opts, q, rt = job.recipe.reconstruction, job.recipe.quant, job.rt
-    scores = _need(job.state.fisher, "reconstruction", "fisher")
-    solution = _need(job.state.ratios, "reconstruction", "ratios")
-    if opts.batch_size % rt.world_size:
-        raise ValueError(f"reconstruction.batch_size={opts.batch_size} is not divisible by the {rt.world_size} "
-                         f"processes; use a multiple of {rt.world_size}")
-    ratios = solution.ratios
+    _need(job.state.fisher, "reconstruction", "fisher")
+    ratios = _need(job.state.ratios, "reconstruction", "ratios").ratios
+    check_divisible("reconstruction.batch_size", opts.batch_size, rt.world_size)
     block_of = {layer.name: layer.block for layer in job.layout.layer_infos(job.model)}
     windows = job.windows[: opts.nsamples] if opts.nsamples else job.windows
     loop = BlockLoop(job, windows[rt.rank :: rt.world_size], quantized_path=True)
     t_all = time.time()
     summary, keys = [], []
-    bar = tqdm(total=len(loop), desc="Reconstruction", unit="block", disable=not rt.is_global_zero)
-    for step in loop:
-        b, block = step.index, step.block
-        targets = step.targets(rt.device)
-        block_ratios = job.layout.block_part(ratios, job.model, b)
-        upstream = {k: v for k, v in ratios.items() if block_of[k] <= b}  # this block's and every earlier one's
-        key = job.key("block", quant=asdict(q), reconstruction=opts.fingerprint(), ratios=upstream,
-                      record=RECORD_FORMAT)
-        path = rt.run.block(b)
-        saved = load_if_current(path, key, rt=rt)
-        if saved is not None:
-            info(f"[hiq] block {b}: reused {path}", rt)
-            install_records(block, job.layout, saved["layers"])
-            result = saved
-        else:
-            t0 = time.time()
-            block_scores = job.layout.block_part(scores, job.model, b)
-            loss_rtn = reduce_loss(rt, rtn_loss(block, job.layout, block_scores, block_ratios, q, step.q_inputs,
-                                                targets, rt.device))
-            layers, steps = fit_block(job, b, block, block_scores, block_ratios, step.q_inputs, targets,
-                                      f"Block {b + 1}/{len(loop)}")
-            install_records(block, job.layout, layers)
-            step.q_outputs = []  # the final loss's forward pass gives the next block its quantized-path inputs
-            loss_final = reduce_loss(rt, reconstruction_loss(block, step.q_inputs, targets, rt.device,
-                                                             outputs=step.q_outputs))
-            result = {"layers": layers, "key": key, "loss_rtn": loss_rtn, "loss_final": loss_final, "steps": steps,
-                      "seconds": time.time() - t0}
-            if rt.is_global_zero:
-                save_tensors(path, result)
-            rt.log({"recon/loss_rtn": loss_rtn, "recon/loss_final": loss_final, "recon/seconds": result["seconds"]},
-                   step=b)
-        if b == len(loop) - 1 and opts.tune_steps and step.q_outputs is None:
-            step.q_outputs = block_outputs(block, step.q_inputs, rt.device)  # the tuning's KL before it starts
-        summary.append(block_summary(b, result))
-        keys.append(key)
-        bar.set_postfix(rtn=f"{result['loss_rtn']:.4g}", final=f"{result['loss_final']:.4g}")
-        bar.update()
-        result = saved = layers = None  # this block's records are on disk; the next block's fit does not hold them
-    bar.close()
+    with tqdm(total=len(loop), desc="Reconstruction", unit="block", disable=not rt.is_global_zero) as bar:
+        for step in loop:
+            b, block = step.index, step.block
+            targets = step.targets(rt.device)
+            upstream = {k: v for k, v in ratios.items() if block_of[k] <= b}  # this block's and every earlier one's
+            key = job.key("block", quant=asdict(q), reconstruction=opts.fingerprint(), ratios=upstream,
+                          record=RECORD_FORMAT)
+            result, reused = cached(rt, rt.run.block(b), key, lambda step=step: _fit(job, step, len(loop)))
+            if reused:
+                info(f"[hiq] block {b}: reused {rt.run.block(b)}", rt)
+                install_records(block, job.layout, result["layers"])
+            else:
+                rt.log({"recon/loss_rtn": result["loss_rtn"], "recon/loss_final": result["loss_final"],
+                        "recon/seconds": result["seconds"]}, step=b)
+            if b == len(loop) - 1 and opts.tune_steps and step.q_outputs is None:
+                step.q_outputs = block_outputs(block, step.q_inputs, rt.device)  # the tuning's KL before it starts
+            summary.append(block_summary(b, result))
+            keys.append(key)
+            bar.set_postfix(rtn=f"{result['loss_rtn']:.4g}", final=f"{result['loss_final']:.4g}")
+            bar.update()
+            result = None  # this block's records are on disk; the next block's fit does not hold them
     rt.barrier("reconstruction")
     job.state.final_targets = (loop.windows, targets, step.q_outputs) if summary else None
     job.state.blocks, job.state.block_keys = summary, keys
-    job.state.timings["reconstruction"] = sum(r["seconds"] for r in summary)
-    info(f"[hiq] reconstruction: {len(summary)} blocks, {time.time() - t_all:.1f}s this run -> "
-         f"{rt.run.root / 'blocks'}", rt)
+    done(job, "reconstruction", sum(r["seconds"] for r in summary), None,
+         f"reconstruction: {len(summary)} blocks, {time.time() - t_all:.1f}s this run -> {rt.run.root / 'blocks'}")
 
 
-def block_records(job: Job) -> dict[str, dict]:
-    """Every reconstructed layer's finished record (codes, scales, zeros, permutation) keyed by full module name,
-    read back from ``blocks/`` and checked against the keys this run computed."""
-    records: dict[str, dict] = {}
-    for b, key in enumerate(job.state.block_keys):
-        path = job.rt.run.block(b)
-        saved = load_if_current(path, key)
-        if saved is None:
-            raise RuntimeError(f"{path} does not hold block {b} of this run (changed on disk since the "
-                               f"reconstruction); rerun to recompute it")
-        for local, record in saved["layers"].items():
-            records[job.layout.full_name(job.model, b, local)] = record
-    if job.state.tuning:
-        from hiq.tuning import with_scales
+def _fit(job: Job, step: BlockStep, n_blocks: int) -> dict:
+    """Block ``step.index``'s fit: RTN's loss, the fit, the fitted block's loss; the block file's content."""
+    from hiq.blockfit import fit_block, install_records, reconstruction_loss, reduce_loss, rtn_loss
 
-        records = {name: with_scales(r, job.state.tuning["scales"][name]) for name, r in records.items()}
-    return records
+    opts, q, rt, b, block = job.recipe.reconstruction, job.recipe.quant, job.rt, step.index, step.block
+    t0, targets = time.time(), step.targets(rt.device)
+    scores = job.layout.block_part(job.state.fisher, job.model, b)
+    ratios = job.layout.block_part(job.state.ratios.ratios, job.model, b)
+    loss_rtn = reduce_loss(rt, rtn_loss(block, job.layout, scores, ratios, q, step.q_inputs, targets, rt.device))
+    layers, steps = fit_block(block, job.layout, b, scores, ratios, step.q_inputs, targets, q, opts, rt,
+                              f"Block {b + 1}/{n_blocks}")
+    install_records(block, job.layout, layers)
+    step.q_outputs = []  # the final loss's forward pass gives the next block its quantized-path inputs
+    loss_final = reduce_loss(rt, reconstruction_loss(block, step.q_inputs, targets, rt.device,
+                                                     outputs=step.q_outputs))
+    return {"layers": {name: r.to_dict() for name, r in layers.items()}, "loss_rtn": loss_rtn,
+            "loss_final": loss_final, "steps": steps, "seconds": time.time() - t0}
 
 
-def tuning_stage(job: Job) -> None:
+def block_records(job: Job) -> dict[str, LayerRecord]:
+    """Every reconstructed layer's finished record keyed by full module name, read back from ``blocks/`` and
+    checked against the keys this run computed, with the tuned scales when the tuning kept them."""
+    from hiq.export import read_block_records, with_tuned_scales
+
+    records, _ = read_block_records(job.rt.run, job.layout, job.model, len(job.state.block_keys),
+                                    expected_keys=job.state.block_keys)
+    return with_tuned_scales(records, job.state.tuning["scales"]) if job.state.tuning else records
+
+
+def tuning_stage(job: Job, options=None) -> None:
     """Step 4b: end-to-end scale tuning of every reconstructed layer (:mod:`hiq.tuning`), one ``Trainer.fit``;
     ``tuning.safetensors`` holds the tuned scales and is reused while its key (the blocks' keys and the
     ``tune_*`` options) holds. The tuned scales are kept only when they lower the KL to the full-precision model
     on the calibration windows; the model then holds the tuned weights."""
-    from hiq.tuning import finite_or_raise, with_scales
+    from hiq.export import with_tuned_scales
+    from hiq.tuning import finite_or_raise, tune_scales
 
     opts, rt = job.recipe.reconstruction, job.rt
     job.state.tuning = None
     if not job.state.block_keys or opts.tune_steps == 0:
         return
+    check_divisible("reconstruction.tune_batch_size", opts.tune_batch_size, rt.world_size)
     key = job.key("tuning", blocks=list(job.state.block_keys), tuning=opts.tuning_fingerprint(),
                   record=RECORD_FORMAT)
-    path = rt.run.tuning
     records = block_records(job)
-    saved = load_if_current(path, key, rt=rt)
-    if saved is not None:
-        info(f"[hiq] tuning: reused {path} (KL {saved['kl_before']:.4g} -> {saved['kl_after']:.4g})", rt)
-    else:
-        saved = _tune_scales(job, key, records)
+
+    def tune() -> dict:
+        if job.state.final_targets is None:
+            raise RuntimeError("the tuning stage needs the reconstruction stage's full-precision outputs of the last "
+                               "block; run the reconstruction in the same fit")
+        saved = tune_scales(job.model, job.layout.blocks_path(job.model), records, *job.state.final_targets, opts,
+                            rt, key)
         gc.collect()  # the tuning Trainer's cycle holds every layer's tuned copy (see hiq.blockfit.fit_block)
-        if rt.is_global_zero:
-            save_tensors(path, saved)
-        rt.barrier("tuning")
+        return saved
+
+    saved, reused = cached(rt, rt.run.tuning, key, tune)
+    rt.barrier("tuning")
     finite_or_raise(float(saved["kl_after"]), "the KL after tuning")
     job.state.tuning, job.state.final_targets = saved, None
-    job.state.timings["tuning"] = float(saved["seconds"])
-    _install_full(job, {name: with_scales(r, saved["scales"][name]) for name, r in records.items()})
+    done(job, "tuning", float(saved["seconds"]), None,
+         f"tuning: reused {rt.run.tuning} (KL {saved['kl_before']:.4g} -> {saved['kl_after']:.4g})" if reused else None)
+    _install_full(job, with_tuned_scales(records, saved["scales"]))
 
 
-def _tune_scales(job: Job, key: str, records: dict[str, dict]) -> dict:
-    """Fit the scales (:class:`hiq.tuning.ScaleTuning` under its own Trainer); the artifact's content."""
-    import lightning as L
-
-    from hiq.blockfit import _swap, quiet_lightning, reduce_loss
-    from hiq.schedules import StepProgressBar
-    from hiq.tuning import ScaledCodesLinear, ScaleTuning, WindowPairs, teacher_cache_fits
-
-    opts, rt = job.recipe.reconstruction, job.rt
-    if job.state.final_targets is None:
-        raise RuntimeError("the tuning stage needs the reconstruction stage's full-precision outputs of the last "
-                           "block; run the reconstruction in the same fit")
-    windows, final_hidden, q_hidden = job.state.final_targets
-    if opts.tune_batch_size % rt.world_size:
-        raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} is not divisible by the "
-                         f"{rt.world_size} processes; use a multiple of {rt.world_size}")
-    per_rank = opts.tune_batch_size // rt.world_size
-    if per_rank > len(windows):
-        raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} needs {per_rank} windows per "
-                         f"process, this one has {len(windows)}; lower it")
-    t0 = time.time()
-    model, device = job.model, rt.device
-    dtype = next(model.parameters()).dtype
-    model.to(device)
-    modules = dict(model.named_modules())
-    layers = {name: ScaledCodesLinear(record, dtype).to(device) for name, record in records.items()}
-    originals = {}
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        originals[name] = _swap(modules[parent], child, layer)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    module = ScaleTuning(model, job.layout.blocks_path(model), list(layers.values()), opts.tune_lr, opts.tune_steps,
-                         cache_teacher=teacher_cache_fits(windows, vocab))
-    data = WindowPairs(windows, final_hidden)
-    cpu_linears = contextlib.ExitStack()
-    cpu_linears.enter_context(float32_cpu_linears(model))  # the model's own linears (head, any not reconstructed)
-    try:
-        kl_before = reduce_loss(rt, module.kl_sum(data, per_rank, student_hidden=q_hidden))
-        info(f"[hiq] tuning: KL to the full-precision model on the calibration windows {kl_before:.4g}", rt)
-        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(opts.seed + 7919))
-        callbacks = [StepProgressBar("End-to-end tuning", opts.tune_steps)] if rt.is_global_zero else []
-        with quiet_lightning():
-            trainer = L.Trainer(
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=[device.index or 0] if device.type == "cuda" else 1,
-                max_steps=opts.tune_steps, max_epochs=-1, callbacks=callbacks,
-                logger=rt.logger if rt.is_global_zero and rt.logger else False, enable_checkpointing=False,
-                enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                log_every_n_steps=min(opts.log_every_n_steps, opts.tune_steps), default_root_dir=str(rt.run.root))
-            trainer.fit(module, train_dataloaders=loader)
-        model.to(device)  # Trainer.fit's teardown moved the module to the CPU
-        if trainer.global_step < opts.tune_steps:
-            raise RuntimeError(f"end-to-end tuning stopped after {trainer.global_step} of {opts.tune_steps} steps")
-        kl_after = reduce_loss(rt, module.kl_sum(data, per_rank))
-        kept = kl_after < kl_before
-        scales = {name: (layer.tuned_scales() if kept else {p: records[name][p]["scale"] for p in ("high", "normal")})
-                  for name, layer in layers.items()}
-    finally:
-        cpu_linears.close()
-        for name, lin in originals.items():
-            parent, _, child = name.rpartition(".")
-            _swap(modules[parent], child, lin)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.to("cpu")
-    seconds = time.time() - t0
-    info(f"[hiq] tuning: {opts.tune_steps} steps, KL {kl_before:.4g} -> {kl_after:.4g} "
-         + ("(kept)" if kept else "(higher: the block fits' scales are kept)") + f", {seconds:.1f}s", rt)
-    rt.log({"tuning/kl_before": kl_before, "tuning/kl_after": kl_after, "tuning/seconds": seconds})
-    return {"key": key, "scales": scales, "kl_before": kl_before, "kl_after": kl_after if kept else kl_before,
-            "kl_tuned": kl_after, "kept": kept, "steps": opts.tune_steps, "seconds": seconds}
-
-
-def _install_full(job: Job, records: dict[str, dict]) -> None:
+def _install_full(job: Job, records: dict[str, LayerRecord]) -> None:
     """Every reconstructed layer of the model gets the dequantised weights of its record."""
-    from hiq.quant.hybrid import dequantize_record
-
     modules = dict(job.model.named_modules())
     with torch.no_grad():
         for name, record in records.items():
             lin = modules[name]
-            lin.weight.data = dequantize_record(record).to(device=lin.weight.device, dtype=lin.weight.dtype)
-
-
-def _export_dequantized(job: Job, target: Path, key: str, options: ExportOptions) -> None:
-    from hiq.model import parse_dtype
-    from hiq.quant.bits import stored_dtype
-
-    model = job.model
-    original = next(model.parameters()).dtype
-    dtype = parse_dtype(options.dtype) if options.dtype else stored_dtype(model)  # the source's dtype by default
-    with staged_directory(target) as tmp:
-        model.to(dtype)
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            model.to(original)
-        job.tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {
-            "key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
-            "dtype": str(dtype).removeprefix("torch."),
-            "ratios": job.state.ratios.ratios if job.state.ratios is not None else None,
-            "note": "weights are dequantised; the packed checkpoint (export.formats: packed) holds the integer "
-                    "codes"})
+            lin.weight.data = record.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
 
 
 def export_stage(job: Job, options: ExportOptions) -> None:
-    """Step 5 (rank 0): the checkpoints of ``export.formats`` — ``packed/`` (deployable, :mod:`hiq.packed`),
-    ``model/`` (dequantised) and ``compressed-tensors/`` (single-width runs, :mod:`hiq.compressed`). Each directory
-    carries ``hiq.json`` with the key of the weights and is reused while that key holds."""
+    """Step 5 (rank 0): the checkpoints of ``export.formats`` (:mod:`hiq.export`) — ``packed/`` (deployable),
+    ``model/`` (dequantised) and ``compressed-tensors/`` (single-width runs). Each directory carries ``hiq.json``
+    with the key of the weights and is reused while that key holds."""
+    from hiq.export import dir_megabytes, write_checkpoint, write_dequantized
+    from hiq.model import parse_dtype
+    from hiq.quant.bits import stored_dtype
     from hiq.recipe import EXPORT_FORMATS
 
     rt = job.rt
@@ -644,21 +550,14 @@ def export_stage(job: Job, options: ExportOptions) -> None:
         if target.exists():
             info(f"[hiq] {target} cannot be reused ({problem}); exporting it again", rt)
         t0 = time.time()
+        meta = {"key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
+                "ratios": job.state.ratios.ratios if job.state.ratios is not None else None}
         if fmt == "dequantized":
-            _export_dequantized(job, target, key, options)
+            dtype = parse_dtype(options.dtype) if options.dtype else stored_dtype(job.model)  # the source's dtype
+            write_dequantized(job.model, job.tokenizer, target, dtype, meta)
         else:
-            records = block_records(job)
-            meta = {"key": key, "setting": setting_label(job), "recipe": job.recipe.to_dict(),
-                    "source_model": job.model_name,
-                    "ratios": job.state.ratios.ratios if job.state.ratios is not None else None}
-            if fmt == "packed":
-                from hiq.packed import save_packed
-
-                save_packed(job.model, records, target, tokenizer=job.tokenizer, info=meta)
-            else:
-                from hiq.compressed import save_compressed_tensors
-
-                save_compressed_tensors(job.model, records, target, tokenizer=job.tokenizer, info=meta)
+            write_checkpoint(fmt, job.model, block_records(job), target, job.tokenizer,
+                             {**meta, "source_model": job.model_name})
         job.state.timings[f"export_{fmt}"] = time.time() - t0
         info(f"[hiq] exported {fmt}: {target} ({dir_megabytes(target):.2f} MB)", rt)
     job.state.exports = exports
@@ -666,57 +565,102 @@ def export_stage(job: Job, options: ExportOptions) -> None:
     rt.barrier("export")
 
 
-def dir_megabytes(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+class RunStore:
+    """The evaluation's results kept in ``eval/<name>.json`` of the run directory, each reused while its key (the
+    weights and the settings it was computed under) holds (:class:`hiq.evaluation.Store`)."""
+
+    def __init__(self, rt: Runtime, weights: str):
+        self.rt, self.weights = rt, weights
+
+    def _key(self, parts: dict) -> str:
+        return digest({"weights": self.weights, **parts})
+
+    def get(self, name: str, parts: dict) -> dict | None:
+        return load_if_current(self.rt.run.evaluation(name), self._key(parts), json_file=True, rt=self.rt)
+
+    def put(self, name: str, parts: dict, result: dict) -> dict:
+        saved = {**result, "key": self._key(parts)}
+        save_json(self.rt.run.evaluation(name), saved, sealed=True)
+        return saved
 
 
 def evaluation_stage(job: Job, options: EvaluationOptions) -> None:
-    """Step 6: perplexity per dataset and zero-shot accuracy of the model in memory, then ``metrics.json`` (rank 0).
-
-    Each result is kept in ``eval/<name>.json`` and reused while the weights (their key) and the protocol stay.
-    """
-    from hiq.perplexity import dataset_key, evaluate_dataset
+    """Step 6: perplexity per dataset and zero-shot accuracy of the model in memory (:mod:`hiq.evaluation`), then
+    ``metrics.json`` (rank 0). Each result is kept in ``eval/<name>.json`` and reused while the weights (their key)
+    and the protocol stay."""
+    from hiq.evaluation import perplexities, zeroshot
 
     rt = job.rt
     if rt.is_global_zero:
-        weights = job.weights_key()
+        store = RunStore(rt, job.weights_key())
         job.model.to(rt.device)
-        results, eval_seconds = {}, 0.0
-        for name in options.datasets:
-            name_key = dataset_key(name)
-            path = rt.run.evaluation(name_key)
-            key = digest({"weights": weights, "dataset": name, "seqlen": options.seqlen,
-                          "max_windows": options.max_windows})
-            saved = load_if_current(path, key, json_file=True, rt=rt)
-            if saved is not None:
-                info(f"[hiq] {name}: ppl {saved['ppl']:.3f} (reused {path})", rt)
-            else:
-                with float32_cpu_linears(job.model):
-                    res = evaluate_dataset(job.model, job.tokenizer, name, seqlen=options.seqlen,
-                                           max_windows=options.max_windows, batch_size=options.batch_size,
-                                           progress=True)
-                saved = {**res.to_dict(), "key": key}
-                save_json(path, saved, sealed=True)
-                info(f"[hiq] {name} ({res.split}): ppl {res.ppl:.3f} [{res.windows} windows, {res.seconds:.1f}s]", rt)
-            results[name_key] = saved
-            eval_seconds += saved["seconds"]
-        zeroshot = _zeroshot(job, options, weights) if options.tasks else None
-        if zeroshot is not None:
-            eval_seconds += zeroshot["seconds"]
-        job.state.timings["evaluation"] = eval_seconds
-        metrics = build_metrics(job, results, zeroshot)
+        results = perplexities(job.model, job.tokenizer, options, store, progress=True)
+        zs = zeroshot(job.model, job.tokenizer, options, store) if options.tasks else None
+        job.state.timings["evaluation"] = sum(r["seconds"] for r in results.values()) + (zs["seconds"] if zs else 0)
+        metrics = build_metrics(job, results, zs)
         save_json(rt.run.metrics, metrics)
         job.state.metrics = metrics
         logged = {f"eval/{k}_ppl": v["ppl"] for k, v in results.items()}
-        if zeroshot is not None:
-            logged.update({f"eval/{n}_{r['reported']}": r[r["reported"]] for n, r in zeroshot["tasks"].items()})
-            logged["eval/zeroshot_avg"] = zeroshot["average"]
+        if zs is not None:
+            logged.update({f"eval/{n}_{r['reported']}": r[r["reported"]] for n, r in zs["tasks"].items()})
+            logged["eval/zeroshot_avg"] = zs["average"]
         rt.log(logged)
         summary = ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in results.items())
-        if zeroshot is not None:
-            summary += f", zero-shot average {zeroshot['average']:.4f}"
+        if zs is not None:
+            summary += f", zero-shot average {zs['average']:.4f}"
         info(f"[hiq] {metrics['setting']} at {metrics['avg_bits']:.4f} avg bits: {summary} -> {rt.run.metrics}", rt)
     rt.barrier("evaluation")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage table: what each callback of hiq.callbacks runs, when, and what it checks before any work
+
+
+def _checks_batch(field: str) -> Callable:
+    def check(recipe: Recipe, options, world_size: int, pipeline) -> None:
+        check_divisible(f"reconstruction.{field}", getattr(recipe.reconstruction, field), world_size)
+    return check
+
+
+def _check_budget(recipe: Recipe, options, world_size: int, pipeline) -> None:
+    from hiq.solver import check_budget
+
+    q, r = recipe.quant, recipe.ratios
+    check_budget(r.target_avg_bits, pipeline.layout.layer_infos(pipeline.model), r.candidates, q.bits, q.bits_high)
+
+
+def _check_evaluation(recipe: Recipe, options, world_size: int, pipeline) -> None:
+    from hiq.perplexity import check_evaluation
+
+    check_evaluation(options)  # a typo in a dataset name or a missing hiq[eval] fails here
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of Algorithm 1: its function ``run(job, options)``, whether it runs for a recipe and its options,
+    which options object it takes (``options``: a section of the fit, or None), and a check run in the callback's
+    ``setup``, before any stage's work (``check(recipe, options, world_size, pipeline)``)."""
+
+    name: str
+    run: Callable[[Job, Any], None]
+    enabled: Callable[[Recipe, Any], bool] = lambda recipe, options: True
+    options: str | None = None
+    check: Callable | None = None
+
+
+STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
+    Stage("fisher", fisher_stage),
+    Stage("sensitivity", sensitivity_stage, lambda r, o: r.sensitivity.enabled),
+    Stage("ratios", ratio_stage, check=_check_budget),
+    Stage("plots", plot_stage, lambda r, o: o.enabled, "plots"),
+    Stage("reconstruction", reconstruction_stage, lambda r, o: r.reconstruction.enabled,
+          check=_checks_batch("batch_size")),
+    Stage("tuning", tuning_stage, lambda r, o: r.reconstruction.enabled and r.reconstruction.tune_steps > 0,
+          check=_checks_batch("tune_batch_size")),
+    Stage("export", export_stage, lambda r, o: o.enabled, "export"),
+    Stage("evaluation", evaluation_stage, lambda r, o: o.enabled, "evaluation", _check_evaluation),
+)}
+assert tuple(STAGE_TABLE) == STAGES
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,34 +672,6 @@ def _need(value, stage: str, producer: str):
         raise RuntimeError(f"{stage} needs the {producer} stage's result; run the stages in the order of "
                            f"hiq.pipeline.STAGES ({' -> '.join(STAGES)})")
     return value
-
-
-def _zeroshot(job: Job, options: EvaluationOptions, weights: str) -> dict:
-    """lm-eval on the in-memory model; each task's result is kept in ``eval/zeroshot_<task>.json`` and reused
-    while the weights, the limit and the lm-eval version stay the same."""
-    from hiq.zeroshot import PROTOCOL, REPORTED, evaluate_zeroshot, format_zeroshot, lm_eval_version
-
-    key = digest({"weights": weights, "limit": options.limit, "lm_eval_version": lm_eval_version()})
-    saved, missing = {}, []
-    for task in options.tasks:
-        prev = load_if_current(job.rt.run.evaluation(f"zeroshot_{task}"), key, json_file=True, rt=job.rt)
-        if prev is not None:
-            saved[task] = prev
-        else:
-            missing.append(task)
-    if missing:
-        res = evaluate_zeroshot(job.model, job.tokenizer, missing, limit=options.limit,
-                                batch_size=options.zeroshot_batch_size)
-        for task in missing:
-            saved[task] = {**res["tasks"][task], "seconds": res["seconds"] / len(missing), "key": key}
-            save_json(job.rt.run.evaluation(f"zeroshot_{task}"), saved[task], sealed=True)
-    tasks = options.tasks
-    per_task = {t: {k: v for k, v in saved[t].items() if k not in ("key", "seconds", "checksum")} for t in tasks}
-    result = {"tasks": per_task, "average": sum(per_task[t][REPORTED[t]] for t in tasks) / len(tasks),
-              "limit": options.limit, "lm_eval_version": lm_eval_version(), "protocol": PROTOCOL,
-              "seconds": round(sum(saved[t]["seconds"] for t in tasks), 2)}
-    info(f"[hiq] zero-shot: {format_zeroshot(result)}" + ("" if missing else " (reused)"), job.rt)
-    return result
 
 
 def setting_label(job: Job) -> str:

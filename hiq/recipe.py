@@ -408,6 +408,40 @@ class ExportOptions:
 
 
 #: Export formats and the run-folder directory each is written to.
+#: ``hiq eval``'s quantization methods (:class:`RTNOptions`).
+RTN_METHODS = ("none", "rtn")
+
+
+@dataclass
+class RTNOptions:
+    """``hiq eval``'s quantization: none (full precision) or round-to-nearest of every block linear.
+
+    Args:
+        method: ``none`` (full precision) or ``rtn`` (round-to-nearest, min-max asymmetric grid).
+        bits: weight bits, one of 2, 3, 4, 8.
+        group_size: input columns per scale/zero group (32, 64, 128) or null for per output channel.
+        avg_bits_convention: ``storage`` (fp16 scale + b-bit zero per group/row counted), ``weights_only`` or
+            ``paper`` (the 19-bits-per-group figure the papers print); see :mod:`hiq.quant.bits`.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = None
+    avg_bits_convention: str = "storage"
+
+    def __post_init__(self) -> None:
+        from hiq.quant.bits import CONVENTIONS
+
+        if self.method not in RTN_METHODS:
+            raise ValueError(f"quant.method={self.method!r} is not supported; choose one of {RTN_METHODS}")
+        if self.avg_bits_convention not in CONVENTIONS + ("omniquant",):
+            raise ValueError(f"quant.avg_bits_convention={self.avg_bits_convention!r}; choose one of {CONVENTIONS}")
+        self.group_size = QuantSpec(self.bits, self.group_size).group_size
+
+    def label(self) -> str:
+        return "FP" if self.method == "none" else setting_label(self.bits, self.group_size, method=self.method)
+
+
 EXPORT_FORMATS = {"packed": "packed", "dequantized": "model", "compressed-tensors": "compressed-tensors"}
 
 
@@ -469,8 +503,14 @@ RECONSTRUCTION_PRESETS = {
                   "keep_best": True, "tune_steps": 64, "tune_lr": 1e-2},
 }
 
+#: The sections of a :class:`Recipe` (what is quantized, how): section -> dataclass.
 SECTIONS = {"quant": QuantOptions, "ratios": RatioOptions, "sensitivity": SensitivityOptions,
             "reconstruction": ReconstructionOptions}
+#: What a fit writes besides its artifacts: section -> dataclass.
+OUTPUT_SECTIONS = {"export": ExportOptions, "evaluation": EvaluationOptions, "plots": PlotOptions}
+#: Every section of a ``hiq fit`` config, in the order of the configs under ``configs/`` (the one list the CLI,
+#: :class:`hiq.FitConfig` and the recipe read).
+CONFIG_SECTIONS = ("model", "data", *SECTIONS, *OUTPUT_SECTIONS, "trainer", "seed_everything")
 
 
 def _jsonable(obj):

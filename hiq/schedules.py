@@ -1,9 +1,18 @@
-"""Schedules of one block reconstruction, driven by ``trainer.global_step`` (so DDP ranks agree)."""
+"""Schedules of one block reconstruction, driven by ``trainer.global_step`` (so DDP ranks agree), and the
+progress a run reports (:func:`info`, :class:`StepProgressBar`)."""
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 from tqdm.auto import tqdm
+
+
+def info(message: str, rt=None) -> None:
+    """A progress line on stderr, once per run: on rank 0 when ``rt`` (a :class:`hiq.pipeline.Runtime`) is given."""
+    if rt is None or rt.is_global_zero:
+        print(message, file=sys.stderr, flush=True)
 
 
 class GammaAnnealing(L.Callback):

@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiq.blockfit import _distributed, average_gradients
-from hiq.model import linear
+from hiq.blockfit import _distributed, _swap, average_gradients, fit_trainer, quiet_lightning, reduce_loss
+from hiq.model import float32_cpu_linears, linear
 from hiq.quant.grid import expand_groups, group_widths
-
-PARTS = ("high", "normal")
+from hiq.quant.record import PARTS, LayerRecord
 
 
 class ScaledCodesLinear(nn.Module):
@@ -40,20 +39,19 @@ class ScaledCodesLinear(nn.Module):
     ``W = (codes − zero) · s₀ · exp(u)`` per part, columns back in the original order; ``u`` starts at 0, so the
     layer starts as exactly the record's weights."""
 
-    def __init__(self, record: dict, dtype: torch.dtype = torch.float32):
+    def __init__(self, record: LayerRecord, dtype: torch.dtype = torch.float32):
         super().__init__()
+        record = LayerRecord.from_dict(record)
         self.record, self.dtype = record, dtype
-        self.register_buffer("order", torch.argsort(record["perm"]), persistent=False)
+        self.register_buffer("order", torch.argsort(record.perm), persistent=False)
         self.log_scale = nn.ParameterDict()
-        for part in PARTS:
-            codes = record[part]["codes"]
-            base = codes.float()
-            if codes.shape[1]:  # a layer at ratio 0 or 1 has one empty part
-                base = base - expand_groups(record[part]["zero"].float(), group_widths(codes.shape[1],
-                                                                                       record["group_size"]))
-            self.register_buffer(f"{part}_base", base.to(dtype), persistent=False)
-            self.register_buffer(f"{part}_scale", record[part]["scale"].float(), persistent=False)
-            self.log_scale[part] = nn.Parameter(torch.zeros_like(record[part]["scale"], dtype=torch.float32))
+        for name, _, part in record.parts():
+            base = part.codes.float()
+            if part.columns:  # a layer at ratio 0 or 1 has one empty part
+                base = base - expand_groups(part.zero.float(), group_widths(part.columns, record.group_size))
+            self.register_buffer(f"{name}_base", base.to(dtype), persistent=False)
+            self.register_buffer(f"{name}_scale", part.scale.float(), persistent=False)
+            self.log_scale[name] = nn.Parameter(torch.zeros_like(part.scale, dtype=torch.float32))
 
     def scales(self, part: str) -> torch.Tensor:
         return getattr(self, f"{part}_scale") * torch.exp(self.log_scale[part])
@@ -63,7 +61,7 @@ class ScaledCodesLinear(nn.Module):
         for part in PARTS:
             base = getattr(self, f"{part}_base")
             if base.shape[1]:
-                widths = group_widths(base.shape[1], self.record["group_size"])
+                widths = group_widths(base.shape[1], self.record.group_size)
                 parts.append(base * expand_groups(self.scales(part), widths).to(base.dtype))
         return torch.cat(parts, dim=1)[:, self.order]
 
@@ -74,17 +72,6 @@ class ScaledCodesLinear(nn.Module):
     def tuned_scales(self) -> dict[str, torch.Tensor]:
         """Each part's scales, rounded to float16 values (kept as float32) as the block records hold them."""
         return {part: self.scales(part).detach().cpu().to(torch.float16).float() for part in PARTS}
-
-
-def with_scales(record: dict, scales: dict[str, torch.Tensor]) -> dict:
-    """A copy of a layer record with other scales (same shapes; codes, zeros, permutation shared)."""
-    out = dict(record)
-    for part in PARTS:
-        if tuple(scales[part].shape) != tuple(record[part]["scale"].shape):
-            raise ValueError(f"tuned {part} scales have shape {tuple(scales[part].shape)}, the record "
-                             f"{tuple(record[part]['scale'].shape)}")
-        out[part] = {**record[part], "scale": scales[part].float()}
-    return out
 
 
 @contextlib.contextmanager
@@ -244,3 +231,66 @@ def finite_or_raise(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"end-to-end tuning: {what} is {value}; set reconstruction.tune_steps=0")
     return value
+
+
+def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerRecord], windows: torch.Tensor,
+                final_hidden: list[torch.Tensor], q_hidden: list[torch.Tensor], opts, rt, key: str) -> dict:
+    """Fit the scales of every reconstructed layer (``records``, by full module name) end to end: a
+    :class:`ScaleTuning` under its own ``Trainer.fit``. ``windows``: this rank's calibration windows;
+    ``final_hidden`` / ``q_hidden``: the last block's outputs for them on the full-precision and on the quantized
+    path; ``opts``: :class:`hiq.recipe.ReconstructionOptions`; ``rt``: where it runs (:class:`hiq.pipeline.Runtime`).
+    Returns the tuning artifact's content (``key``, the scales per layer, KL before / after, kept or not)."""
+    import time
+
+    from hiq.schedules import StepProgressBar, info
+
+    per_rank = opts.tune_batch_size // rt.world_size
+    if per_rank > len(windows):
+        raise ValueError(f"reconstruction.tune_batch_size={opts.tune_batch_size} needs {per_rank} windows per "
+                         f"process, this one has {len(windows)}; lower it")
+    t0 = time.time()
+    device = rt.device
+    dtype = next(model.parameters()).dtype
+    model.to(device)
+    modules = dict(model.named_modules())
+    layers = {name: ScaledCodesLinear(record, dtype).to(device) for name, record in records.items()}
+    originals = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        originals[name] = _swap(modules[parent], child, layer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    module = ScaleTuning(model, blocks_path, list(layers.values()), opts.tune_lr, opts.tune_steps,
+                         cache_teacher=teacher_cache_fits(windows, vocab))
+    data = WindowPairs(windows, final_hidden)
+    cpu_linears = contextlib.ExitStack()
+    cpu_linears.enter_context(float32_cpu_linears(model))  # the model's own linears (head, any not reconstructed)
+    try:
+        kl_before = reduce_loss(rt, module.kl_sum(data, per_rank, student_hidden=q_hidden))
+        info(f"[hiq] tuning: KL to the full-precision model on the calibration windows {kl_before:.4g}", rt)
+        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=True, drop_last=True,
+                                             generator=torch.Generator().manual_seed(opts.seed + 7919))
+        callbacks = [StepProgressBar("End-to-end tuning", opts.tune_steps)] if rt.is_global_zero else []
+        with quiet_lightning():
+            trainer = fit_trainer(rt, opts.tune_steps, callbacks, opts.log_every_n_steps)
+            trainer.fit(module, train_dataloaders=loader)
+        model.to(device)  # Trainer.fit's teardown moved the module to the CPU
+        if trainer.global_step < opts.tune_steps:
+            raise RuntimeError(f"end-to-end tuning stopped after {trainer.global_step} of {opts.tune_steps} steps")
+        kl_after = reduce_loss(rt, module.kl_sum(data, per_rank))
+        kept = kl_after < kl_before
+        scales = {name: (layer.tuned_scales() if kept else {p: records[name].part(p).scale for p in PARTS})
+                  for name, layer in layers.items()}
+    finally:
+        cpu_linears.close()
+        for name, lin in originals.items():
+            parent, _, child = name.rpartition(".")
+            _swap(modules[parent], child, lin)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.to("cpu")
+    seconds = time.time() - t0
+    info(f"[hiq] tuning: {opts.tune_steps} steps, KL {kl_before:.4g} -> {kl_after:.4g} "
+         + ("(kept)" if kept else "(higher: the block fits' scales are kept)") + f", {seconds:.1f}s", rt)
+    rt.log({"tuning/kl_before": kl_before, "tuning/kl_after": kl_after, "tuning/seconds": seconds})
+    return {"key": key, "scales": scales, "kl_before": kl_before, "kl_after": kl_after if kept else kl_before,
+            "kl_tuned": kl_after, "kept": kept, "steps": opts.tune_steps, "seconds": seconds}

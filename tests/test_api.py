@@ -1,5 +1,7 @@
 """The Python API on its own: a loaded model and token windows in, typed results out; clear errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +70,29 @@ def test_batch_larger_than_the_windows_fails_before_any_stage(tmp_path):
         hiq.quantize("tiny-llama", recipe=recipe, calibration=hiq.CalibrationOptions(nsamples=4, seqlen=64),
                      run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "fisher.safetensors").exists()
+
+
+def test_fit_config_reads_every_section_and_keeps_the_seed(tmp_path):
+    """hiq.FitConfig reads a config like hiq fit: every section, overrides, and seed_everything (not dropped)."""
+    import yaml
+
+    from hiq.api import FitConfig
+
+    w2 = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "w2.yaml"
+    cfg = FitConfig.load(w2, **{"ratios.mode": "uniform", "sensitivity.enabled": False})
+    assert cfg.recipe.ratios.mode == "uniform" and not cfg.recipe.sensitivity.enabled
+    assert cfg.seed_everything == 0 and cfg.recipe.quant.bits == 2
+    assert FitConfig.load(w2, seed_everything=7).seed_everything == 7
+    raw = yaml.safe_load(w2.read_text())
+    raw["seed_everything"] = 5
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert FitConfig.load(path).seed_everything == 5
+    raw["seed_everything"] = "five"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="seed_everything='five'; give an integer"):
+        FitConfig.load(path)
+    raw["seed_everything"], raw["quantise"] = 0, {"bits": 2}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"unknown sections \['quantise'\]"):
+        FitConfig.load(path)

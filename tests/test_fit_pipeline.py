@@ -15,8 +15,7 @@ from hiq.data import eval_windows, load_text, tokenize_text
 from hiq.modules import HiQPipeline
 from hiq.perplexity import perplexity
 from hiq.pipeline import weights_digest
-from hiq.quant.hybrid import dequantize_record
-from hiq.tuning import with_scales
+from hiq.quant.record import LayerRecord
 from tests.test_fit_ratios import SMALL
 
 E2E = json.loads(json.dumps(SMALL))
@@ -256,17 +255,17 @@ def test_tuning_stage_moves_only_the_scales_and_export_holds_them(finished):
     assert t["steps"] == 6 and t["kl_after"] <= t["kl_before"] and t["kl_tuned"] > 0
     assert metrics["stage_seconds"]["tuning"] > 0
     saved = load_tensors(run / "tuning.safetensors")
-    record = load_tensors(run / "blocks" / "block_03.safetensors")["layers"]["self_attn.v_proj"]
+    record = LayerRecord.from_dict(load_tensors(run / "blocks" / "block_03.safetensors")["layers"]["self_attn.v_proj"])
     tuned = saved["scales"]["model.layers.3.self_attn.v_proj"]
-    assert t["kept"] and not torch.equal(tuned["normal"], record["normal"]["scale"])  # 6 steps lower the KL
+    assert t["kept"] and not torch.equal(tuned["normal"], record.normal.scale)  # 6 steps lower the KL
     # the model that was scored and exported is the block fits' codes under the tuned scales
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(run / "model")   # float16, the source's dtype
     w = exported.model.layers[3].self_attn.v_proj.weight.detach()
     assert w.dtype == torch.float16
-    assert torch.equal(w, dequantize_record(with_scales(record, tuned)).to(w.dtype))
-    assert not torch.equal(w, dequantize_record(record).to(w.dtype))
+    assert torch.equal(w, record.with_scales(tuned).dequantize().to(w.dtype))
+    assert not torch.equal(w, record.dequantize().to(w.dtype))
 
 
 def test_changing_only_the_tuning_keeps_every_block(finished, tmp_path, capsys):

@@ -175,12 +175,14 @@ def test_run_folder_holds_one_run(tmp_path):
     assert prepare_run_folder(run, a) == "resume"
     assert not list(run.rglob(".*tmp-*"))
     (run / "blocks" / "block_00.safetensors").write_bytes(b"x")
+    (run / "tuning.safetensors").write_bytes(b"x")
     (run / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds another run \(recipe.quant.bits: 2 -> 3\).*--overwrite=true"):
         prepare_run_folder(run, b)
     assert (run / "blocks" / "block_00.safetensors").exists()
     assert prepare_run_folder(run, b, overwrite=True) == "overwritten"
     assert not (run / "blocks").exists() and (run / "notes.txt").exists()  # only hiq's own artifacts go
+    assert not (run / "tuning.safetensors").exists()  # every entry of RunDir.ENTRIES, the tuned scales too
     assert load_json(run / "run.json", sealed=True)["recipe"]["quant"]["bits"] == 3
     legacy = tmp_path / "legacy"
     (legacy / "blocks").mkdir(parents=True)

@@ -8,7 +8,8 @@ import torch
 
 import hiq
 from hiq.model import capture_block_inputs
-from hiq.quant.hybrid import HybridLinear, dequantize_record
+from hiq.quant.hybrid import HybridLinear
+from hiq.quant.record import LayerRecord
 from hiq.tuning import (
     ScaledCodesLinear,
     ScaleTuning,
@@ -16,16 +17,15 @@ from hiq.tuning import (
     from_final_hidden,
     replaced_output,
     token_kl,
-    with_scales,
 )
 
 
-def _record(tiny, ratio: float, group_size=None) -> dict:
+def _record(tiny, ratio: float, group_size=None) -> LayerRecord:
     model, _ = tiny
     lin = model.model.layers[2].mlp.down_proj
     scores = torch.linspace(0, 1, lin.in_features)
     hybrid = HybridLinear(lin, scores, ratio, 3, 2, group_size, "signround", normal_quantizer="signround")
-    return hybrid.finish()
+    return LayerRecord.from_dict(hybrid.finish())
 
 
 def _last_block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -44,12 +44,12 @@ def _last_block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def test_scaled_layer_starts_at_its_record(tiny, ratio, group_size):
     record = _record(tiny, ratio, group_size)
     layer = ScaledCodesLinear(record)
-    assert torch.equal(layer.weight().detach(), dequantize_record(record))
-    x = torch.randn(3, record["perm"].numel())
-    assert torch.allclose(layer(x), x @ dequantize_record(record).T, atol=1e-5)
+    assert torch.equal(layer.weight().detach(), record.dequantize())
+    x = torch.randn(3, record.in_features)
+    assert torch.allclose(layer(x), x @ record.dequantize().T, atol=1e-5)
     scales = layer.tuned_scales()
     for part in ("high", "normal"):
-        assert torch.equal(scales[part], record[part]["scale"])  # already float16 values
+        assert torch.equal(scales[part], record.part(part).scale)  # already float16 values
 
 
 def test_tuned_scales_move_only_the_scales(tiny):
@@ -57,17 +57,16 @@ def test_tuned_scales_move_only_the_scales(tiny):
     layer = ScaledCodesLinear(record)
     with torch.no_grad():
         layer.log_scale["normal"].fill_(0.1)
-    tuned = with_scales(record, layer.tuned_scales())
+    tuned = record.with_scales(layer.tuned_scales())
     for part in ("high", "normal"):  # codes, zeros and permutation are the block fit's
-        assert torch.equal(tuned[part]["codes"], record[part]["codes"])
-        assert torch.equal(tuned[part]["zero"], record[part]["zero"])
-        assert torch.equal(tuned[part]["scale"], tuned[part]["scale"].half().float())  # what packed/ stores
-    assert torch.equal(tuned["perm"], record["perm"])
-    assert torch.allclose(tuned["normal"]["scale"], record["normal"]["scale"] * torch.exp(torch.tensor(0.1)),
-                          rtol=1e-3)
-    assert torch.allclose(dequantize_record(tuned), layer.weight().detach(), rtol=1e-3, atol=1e-6)
+        assert torch.equal(tuned.part(part).codes, record.part(part).codes)
+        assert torch.equal(tuned.part(part).zero, record.part(part).zero)
+        assert torch.equal(tuned.part(part).scale, tuned.part(part).scale.half().float())  # what packed/ stores
+    assert torch.equal(tuned.perm, record.perm)
+    assert torch.allclose(tuned.normal.scale, record.normal.scale * torch.exp(torch.tensor(0.1)), rtol=1e-3)
+    assert torch.allclose(tuned.dequantize(), layer.weight().detach(), rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="tuned high scales have shape"):
-        with_scales(record, {"high": torch.ones(3, 3), "normal": record["normal"]["scale"]})
+        record.with_scales({"high": torch.ones(3, 3), "normal": record.normal.scale})
 
 
 def test_swapped_last_block_output_gives_the_full_precision_logits(tiny):

@@ -1,0 +1,88 @@
+"""The checkpoints of a run, one path for ``hiq fit``'s export stage and for ``hiq export``.
+
+A run's quantized weights are its block records (``blocks/block_XX.safetensors``: per layer the integer codes,
+scales, zero points and the column permutation, :class:`hiq.quant.record.LayerRecord`) and, when the end-to-end
+tuning kept its result, the tuned scales (``tuning.safetensors``). :func:`read_block_records` gathers them by full
+module name; :func:`write_checkpoint` writes one format of :data:`hiq.recipe.EXPORT_FORMATS`:
+
+- ``packed``: the deployable checkpoint (:mod:`hiq.packed`, loaded by ``from_pretrained`` after ``import hiq``);
+- ``compressed-tensors``: vLLM's format for single-width runs (:mod:`hiq.compressed`);
+- ``dequantized``: ``model/``, a plain ``save_pretrained`` checkpoint of the dequantised weights (the model in
+  memory; written in the source model's dtype unless ``export.dtype`` says otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from hiq.artifacts import ArtifactError, RunDir, load_tensors, staged_directory, write_manifest
+from hiq.quant.record import LayerRecord
+
+#: The note every dequantised ``model/`` carries in its ``hiq.json``.
+DEQUANTIZED_NOTE = "weights are dequantised; the packed checkpoint (export.formats: packed) holds the integer codes"
+
+
+def read_block_records(run: RunDir, layout, model: nn.Module, n_blocks: int,
+                       expected_keys: list[str] | None = None) -> tuple[dict[str, LayerRecord], list[str]]:
+    """Every reconstructed layer's record keyed by full module name, from ``blocks/`` of ``run``, and each block's
+    key. ``expected_keys``: the keys this run computed (the export stage), checked against each file's; without
+    them (``hiq export``) the caller checks the keys against ``metrics.json``. A damaged file raises ``ValueError``
+    naming it, a block of another run ``RuntimeError``."""
+    records: dict[str, LayerRecord] = {}
+    keys: list[str] = []
+    for b in range(n_blocks):
+        path = run.block(b)
+        try:
+            saved = load_tensors(path)
+        except ArtifactError as err:
+            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
+        if expected_keys is not None and saved.get("key") != expected_keys[b]:
+            raise RuntimeError(f"{path} does not hold block {b} of this run (changed on disk since the "
+                               f"reconstruction); rerun to recompute it")
+        keys.append(saved["key"])
+        for local, record in saved["layers"].items():
+            records[layout.full_name(model, b, local)] = LayerRecord.from_dict(record)
+    return records, keys
+
+
+def with_tuned_scales(records: dict[str, LayerRecord], scales: dict[str, dict]) -> dict[str, LayerRecord]:
+    """The records with the end-to-end tuning's scales (``tuning.safetensors``' ``scales``) in place of theirs."""
+    return {name: record.with_scales(scales[name]) for name, record in records.items()}
+
+
+def write_checkpoint(fmt: str, model: nn.Module, records: dict[str, LayerRecord], target: str | Path, tokenizer,
+                     info: dict) -> None:
+    """Write format ``fmt`` (``packed`` or ``compressed-tensors``) of ``model`` with ``records`` to ``target``;
+    ``info`` goes into its manifest (the key of the weights, the setting, the recipe, the source model)."""
+    if fmt == "packed":
+        from hiq.packed import save_packed
+
+        save_packed(model, records, target, tokenizer=tokenizer, info=info)
+    elif fmt == "compressed-tensors":
+        from hiq.compressed import save_compressed_tensors
+
+        save_compressed_tensors(model, records, target, tokenizer=tokenizer, info=info)
+    else:
+        raise ValueError(f"format {fmt!r}: write_checkpoint writes packed or compressed-tensors; the dequantised "
+                         f"model/ is write_dequantized's")
+
+
+def write_dequantized(model: nn.Module, tokenizer, target: str | Path, dtype, info: dict) -> None:
+    """``save_pretrained`` of the model as it is in memory (its dequantised weights), in ``dtype``, with ``hiq.json``
+    carrying ``info``; the model is back in its own dtype afterwards."""
+    original = next(model.parameters()).dtype
+    with staged_directory(Path(target)) as tmp:
+        model.to(dtype)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.to(original)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, {**info, "dtype": str(dtype).removeprefix("torch."), "note": DEQUANTIZED_NOTE})
+
+
+def dir_megabytes(path: str | Path) -> float:
+    """The size of the files below ``path``, MB."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
