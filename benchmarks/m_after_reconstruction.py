@@ -40,7 +40,7 @@ from hiq.blockfit import SignSGD, fit_block, install_records, reconstruction_los
 from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.layouts import layout_for
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, find_blocks, load_model_and_tokenizer
-from hiq.quant.hybrid import HybridLinear, dequantize_record
+from hiq.quant.hybrid import HybridLinear
 from hiq.sensitivity import (
     SensitivitySettings,
     assignment_vector,
@@ -83,7 +83,7 @@ def learned_weight(lin, x: torch.Tensor, scores, ratio: float, q, steps: int) ->
     with torch.no_grad():
         for p, saved in zip(params, best_state, strict=True):
             p.copy_(saved)
-    return dequantize_record(hybrid.finish()).to(lin.weight.dtype)
+    return hybrid.finish().dequantize().to(lin.weight.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

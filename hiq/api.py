@@ -10,7 +10,6 @@ benchmarks call these.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -143,6 +142,9 @@ def quantize(
                                                                     .replace("/", "")))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
     claim_run_folder(trainer.default_root_dir, pipeline.model_name, recipe, data.options, overwrite)
+    for logger in trainer.loggers:  # the run config of W&B (CSVLogger: hparams.yaml): what metrics.json names so
+        logger.log_hyperparams({"recipe": recipe.to_dict(), "recipe_key": recipe.key(),
+                                "calibration": asdict(data.options)})
     with warnings.catch_warnings():
         # the outer fit has no optimizer and runs no batches by design (hiq.pipeline); the block fits run max_steps
         for message in (r".*configure_optimizers.* returned .None.", r".*max_epochs.* was not set",
@@ -271,11 +273,9 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     Returns ``{format: directory}``. The blocks must be the run's own: their keys are checked against
     ``metrics.json``'s ``weights_key``.
     """
-    from hiq.artifacts import ArtifactError, RunDir, load_json, load_tensors
-    from hiq.export import read_block_records, with_tuned_scales, write_checkpoint
-    from hiq.layouts import layout_for
+    from hiq.artifacts import RunDir, load_json
+    from hiq.export import finished_weights, write_checkpoint
     from hiq.model import load_model_and_tokenizer, model_fingerprint
-    from hiq.pipeline import weights_digest
     from hiq.recipe import EXPORT_FORMATS
 
     run = RunDir(run_dir)
@@ -289,8 +289,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
     source = model or metrics.get("model")
     if not source:
         raise ValueError(f"{run.metrics} is missing, so the source model is unknown; pass it (--model.path=...)")
-    paths = sorted((run.root / "blocks").glob("block_*.safetensors"))
-    if not paths:
+    if not sorted((run.root / "blocks").glob("block_*.safetensors")):
         raise FileNotFoundError(f"{run.root / 'blocks'} holds no block_XX.safetensors; the run did not reconstruct "
                                 f"any block")
     fp_model, tokenizer = load_model_and_tokenizer(source, metrics.get("model_dtype", "float32"))
@@ -299,26 +298,7 @@ def export_run(run_dir: str | Path, formats: tuple[str, ...] | list[str] = ("pac
         raise ValueError(f"the model at {source} is not the one the run quantized (weights fingerprint {fingerprint} "
                          f"!= {metrics['model_fingerprint']} in {run.metrics}); pass the run's model "
                          f"(--model.path=...) or rerun hiq fit")
-    layout = layout_for(fp_model)
-    n_blocks = len(layout.blocks_of(fp_model))
-    expected = [run.block(b) for b in range(n_blocks)]
-    if paths != expected:
-        missing = [p.name for p in expected if p not in paths]
-        raise ValueError(f"{run.root / 'blocks'}: {source} has {n_blocks} blocks; missing {missing or 'none'}, "
-                         f"extra {[p.name for p in paths if p not in expected] or 'none'}: finish the run first")
-    records, keys = read_block_records(run, layout, fp_model, n_blocks)
-    weights_key = weights_digest(source, keys, fingerprint)
-    if run.tuning.is_file():  # end-to-end tuned scales (hiq.tuning), when they belong to these weights
-        try:
-            tuning = load_tensors(run.tuning)
-        except ArtifactError as err:
-            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
-        tuned_key = weights_digest(source, keys, fingerprint, tuning["key"])
-        if metrics.get("weights_key") in (None, tuned_key):
-            records, weights_key = with_tuned_scales(records, tuning["scales"]), tuned_key
-    if metrics.get("weights_key") not in (None, weights_key):
-        raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
-                         f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")
+    records, weights_key = finished_weights(run, fp_model, source, fingerprint, metrics)
     meta = {"setting": metrics.get("setting"), "recipe": metrics.get("recipe"), "source_model": source,
             "weights_key": weights_key, "run_dir": str(run.root)}
     written: dict[str, str] = {}
@@ -346,12 +326,6 @@ def generate(model: str | ModelOptions, prompt: str, max_new_tokens: int = 40, d
                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                           else tokenizer.eos_token_id)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def summary_line(result: dict) -> str:
-    """The flat part of a result (no nested dicts) as indented JSON: what ``hiq eval`` prints on stdout."""
-    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-                       if not isinstance(v, dict)}, indent=2)
 
 
 @dataclass

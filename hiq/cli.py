@@ -17,13 +17,13 @@ hiq eval adds --quant.method and --output. A YAML file with --config; --print_co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 from hiq.checks import launcher
@@ -64,6 +64,12 @@ def _help_formatter():
     return PlainHelpFormatter
 
 
+def summary_line(result: dict) -> str:
+    """The flat part of a result (no nested dicts) as indented JSON: what ``hiq eval`` prints on stdout."""
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+                       if not isinstance(v, dict)}, indent=2)
+
+
 def build_eval_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -81,7 +87,7 @@ def build_eval_parser():
 
 
 def eval_main(argv: list[str]) -> int:
-    from hiq.api import evaluate, summary_line
+    from hiq.api import evaluate
 
     parser = build_eval_parser()
     cfg = parser.parse_args(argv)
@@ -180,15 +186,6 @@ def _parser_kwargs() -> dict:
     return {"exit_on_error": False, "allow_abbrev": False, "formatter_class": _help_formatter()}
 
 
-def log_run_config(loggers, recipe, calibration) -> dict:
-    """The run's recipe (``Recipe.to_dict()``, with its key) and calibration options as the loggers' run config
-    (W&B's ``config``, CSVLogger's ``hparams.yaml``), before the first fit; the names ``metrics.json`` uses."""
-    params = {"recipe": recipe.to_dict(), "recipe_key": recipe.key(), "calibration": asdict(calibration)}
-    for logger in loggers:
-        logger.log_hyperparams(params)
-    return params
-
-
 def fit_main(argv: list[str]) -> int:
     """``hiq fit``: LightningCLI builds the model, calibration data and Trainer; :func:`hiq.quantize` runs them."""
     from lightning.pytorch.cli import LightningCLI
@@ -238,7 +235,6 @@ def fit_main(argv: list[str]) -> int:
         cli.datamodule.use_windows(prepared["windows"])
     recipe = R.Recipe(quant=init.quant, ratios=init.ratios, sensitivity=init.sensitivity,
                       reconstruction=init.reconstruction)
-    log_run_config(cli.trainer.loggers, recipe, cli.datamodule.options)
     quantize(cli.model, recipe=recipe, calibration=cli.datamodule, export=init.export,
              evaluation=init.evaluation, plots=init.plots, trainer=cli.trainer, overwrite=init.overwrite)
     return 0

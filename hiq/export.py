@@ -19,6 +19,7 @@ from torch import nn
 
 from hiq.artifacts import ArtifactError, RunDir, load_tensors, staged_directory, write_manifest
 from hiq.quant.record import LayerRecord
+from hiq.recipe import digest
 
 #: The note every dequantised ``model/`` carries in its ``hiq.json``.
 DEQUANTIZED_NOTE = "weights are dequantised; the packed checkpoint (export.formats: packed) holds the integer codes"
@@ -45,6 +46,47 @@ def read_block_records(run: RunDir, layout, model: nn.Module, n_blocks: int,
         for local, record in saved["layers"].items():
             records[layout.full_name(model, b, local)] = LayerRecord.from_dict(record)
     return records, keys
+
+
+def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | None = None,
+                   tuning_key: str | None = None) -> str:
+    """The key of a model's weights: its name and fingerprint, the keys of its reconstructed blocks and, when the
+    scales were tuned end to end, the tuning's key (``metrics.json``)."""
+    payload = {"model": model_name, "fingerprint": fingerprint, "blocks": list(block_keys) or None}
+    if tuning_key is not None:  # runs without the tuning keep the key they always had
+        payload["tuning"] = tuning_key
+    return digest(payload)
+
+
+def finished_weights(run: RunDir, fp_model: nn.Module, source: str, fingerprint: str,
+                     metrics: dict) -> tuple[dict[str, LayerRecord], str]:
+    """A finished run's records (``blocks/``, with ``tuning.safetensors``' scales when they belong to these
+    weights) and the key of those weights, checked against ``metrics.json``'s (``metrics``; ``{}`` when it is
+    missing): what ``hiq export`` writes. ``ValueError`` naming the file and the fix otherwise."""
+    from hiq.layouts import layout_for
+
+    layout = layout_for(fp_model)
+    n_blocks = len(layout.blocks_of(fp_model))
+    paths = sorted((run.root / "blocks").glob("block_*.safetensors"))
+    expected = [run.block(b) for b in range(n_blocks)]
+    if paths != expected:
+        missing = [p.name for p in expected if p not in paths]
+        raise ValueError(f"{run.root / 'blocks'}: {source} has {n_blocks} blocks; missing {missing or 'none'}, "
+                         f"extra {[p.name for p in paths if p not in expected] or 'none'}: finish the run first")
+    records, keys = read_block_records(run, layout, fp_model, n_blocks)
+    weights_key = weights_digest(source, keys, fingerprint)
+    if run.tuning.is_file():  # end-to-end tuned scales (hiq.tuning), when they belong to these weights
+        try:
+            tuning = load_tensors(run.tuning)
+        except ArtifactError as err:
+            raise ValueError(f"{err}; rerun hiq fit on the run directory to recompute it") from None
+        tuned_key = weights_digest(source, keys, fingerprint, tuning["key"])
+        if metrics.get("weights_key") in (None, tuned_key):
+            records, weights_key = with_tuned_scales(records, tuning["scales"]), tuned_key
+    if metrics.get("weights_key") not in (None, weights_key):
+        raise ValueError(f"{run.root / 'blocks'} does not hold the weights {run.metrics} describes (key "
+                         f"{weights_key} != {metrics['weights_key']}); rerun hiq fit on the run directory")
+    return records, weights_key
 
 
 def with_tuned_scales(records: dict[str, LayerRecord], scales: dict[str, dict]) -> dict[str, LayerRecord]:

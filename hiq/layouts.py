@@ -9,8 +9,7 @@ every ``nn.Linear`` inside a block, in the order a probe forward calls them). Ad
 
 Entries of ``linears`` are names inside one block, in execution order; ``*`` stands for every index of a
 ``ModuleList`` (MoE experts: ``mlp.experts.*.gate_proj``). ``skip`` lists names (same pattern rules) that stay
-in full precision, such as an MoE router. ``shared_inputs`` groups linears that read the same activations
-(q/k/v, gate/up): fused kernels and Hessian-sharing quantizers key on it.
+in full precision, such as an MoE router.
 """
 
 from __future__ import annotations
@@ -21,6 +20,24 @@ from dataclasses import dataclass, field
 from torch import nn
 
 
+@dataclass
+class LayerInfo:
+    """One quantized linear layer as the ratio solver sees it (:mod:`hiq.solver`).
+
+    Attributes:
+        name: unique name (e.g. ``"model.layers.0.self_attn.q_proj"``); the key in ``ratios.json``.
+        block: index of its transformer block, ``0 <= block < len(M_blocks)``.
+        n_params: number of weights (``out_features * in_features``), > 0.
+
+    Layers are listed in a fixed order; the layers of block ``b`` appear in the same order as the
+    rows of block ``b``'s matrix (``l_local * K + m``).
+    """
+
+    name: str
+    block: int
+    n_params: int
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Where the quantizable linears of one architecture are.
@@ -29,14 +46,12 @@ class ModelLayout:
         model_type: ``config.model_type`` this layout is for (``"generic"`` for discovery).
         blocks: dotted path of the ``ModuleList`` of transformer blocks; None = discover.
         linears: linears inside a block, in execution order (``*`` = every index); None = discover.
-        shared_inputs: groups of ``linears`` entries that read the same input.
         skip: names inside a block left in full precision (``*`` patterns allowed).
     """
 
     model_type: str
     blocks: str | None = None
     linears: tuple[str, ...] | None = None
-    shared_inputs: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     skip: tuple[str, ...] = field(default_factory=tuple)
 
     # -- blocks ----------------------------------------------------------------------------------------------
@@ -91,9 +106,7 @@ class ModelLayout:
                 for name, lin in self.block_linears(block)]
 
     def layer_infos(self, model: nn.Module):
-        """Solver view (:class:`hiq.solver.LayerInfo`): full name, block index, parameter count, in order."""
-        from hiq.solver import LayerInfo
-
+        """Solver view (:class:`LayerInfo`): full name, block index, parameter count, in order."""
         path = self.blocks_path(model)
         return [LayerInfo(f"{path}.{i}.{name}", i, lin.weight.numel())
                 for i, block in enumerate(self.blocks_of(model)) for name, lin in self.block_linears(block)]
@@ -115,19 +128,17 @@ _LLAMA_LIKE = ModelLayout(
     "llama", blocks="model.layers",
     linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
 LAYOUTS: dict[str, ModelLayout] = {
     "llama": _LLAMA_LIKE,
-    "mistral": ModelLayout("mistral", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears, _LLAMA_LIKE.shared_inputs),
-    "qwen2": ModelLayout("qwen2", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears, _LLAMA_LIKE.shared_inputs),
-    "qwen3": ModelLayout("qwen3", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears, _LLAMA_LIKE.shared_inputs),
-    "gemma": ModelLayout("gemma", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears, _LLAMA_LIKE.shared_inputs),
+    "mistral": ModelLayout("mistral", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears),
+    "qwen2": ModelLayout("qwen2", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears),
+    "qwen3": ModelLayout("qwen3", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears),
+    "gemma": ModelLayout("gemma", _LLAMA_LIKE.blocks, _LLAMA_LIKE.linears),
     "opt": ModelLayout(
         "opt", blocks="model.decoder.layers",
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
-        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     ),
     "phi3": ModelLayout(  # fused q/k/v and gate/up: one linear each
         "phi3", blocks="model.layers",
@@ -137,7 +148,6 @@ LAYOUTS: dict[str, ModelLayout] = {
         "mixtral", blocks="model.layers",
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3", "block_sparse_moe.experts.*.w2"),
-        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
         skip=("block_sparse_moe.gate",),
     ),
 }

@@ -572,8 +572,12 @@ class HiQHfQuantizer(_hf_quantizer_base()):
         return model
 
     def is_serializable(self, *args, **kwargs):
-        # the config's checksums describe the exported files; a re-save would not match them: export from the run
-        return False
+        # asked by save_pretrained only: the config's checksums describe the exported files and a re-save would
+        # not match them, so it is refused with what to do instead of transformers' generic "not serializable"
+        raise ValueError("a model loaded from a hiq packed checkpoint cannot be saved with save_pretrained: the "
+                         "packed directory it was loaded from is already the deployable checkpoint (copy that "
+                         "directory), or write a new one from the run with `hiq export RUN_DIR` "
+                         "(hiq.api.export_run); hiq eval / generate read the packed directory as it is")
 
     @property
     def is_trainable(self):

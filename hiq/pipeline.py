@@ -47,6 +47,7 @@ from hiq.artifacts import (
     save_tensors,
 )
 from hiq.checks import check_divisible
+from hiq.export import weights_digest
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, float32_cpu_linears
 from hiq.quant.grid import setting_label as setting_label_of
@@ -154,16 +155,6 @@ class Job:
         block's key (which holds the fingerprint too)."""
         tuning = self.state.tuning["key"] if self.state.tuning else None
         return weights_digest(self.model_name, self.state.block_keys, self.model_fingerprint, tuning)
-
-
-def weights_digest(model_name: str, block_keys: list[str], fingerprint: str | None = None,
-                   tuning_key: str | None = None) -> str:
-    """The key of a model's weights: its name and fingerprint, the keys of its reconstructed blocks and, when the
-    scales were tuned end to end, the tuning's key (``metrics.json``)."""
-    payload = {"model": model_name, "fingerprint": fingerprint, "blocks": list(block_keys) or None}
-    if tuning_key is not None:  # runs without the tuning keep the key they always had
-        payload["tuning"] = tuning_key
-    return digest(payload)
 
 
 @contextlib.contextmanager
@@ -623,9 +614,10 @@ def _checks_batch(field: str) -> Callable:
 
 
 def _check_budget(recipe: Recipe, options, world_size: int, pipeline) -> None:
-    from hiq.solver import check_budget
+    from hiq.solver import check_budget, check_target
 
     q, r = recipe.quant, recipe.ratios
+    check_target(r.target_avg_bits, r.candidates, q.bits, q.bits_high)  # the run's rule, then the layers' floor
     check_budget(r.target_avg_bits, pipeline.layout.layer_infos(pipeline.model), r.candidates, q.bits, q.bits_high)
 
 

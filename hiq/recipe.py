@@ -3,7 +3,7 @@
 ``Recipe`` is the quantization setting proper — what the weights become: bit widths and grouping
 (:class:`QuantOptions`), the ratio allocation (:class:`RatioOptions`: candidates, budget, solver), how M is
 measured (:class:`SensitivityOptions`) and the per-block quantizer (:class:`ReconstructionOptions`). It is
-printed into ``metrics.json`` and hashed into the resume keys of every artifact (:func:`stage_key`).
+printed into ``metrics.json`` and hashed into the resume keys of every artifact (:meth:`Recipe.key`, :func:`digest`).
 
 The options of the run around it — the model (:class:`ModelOptions`), the calibration set
 (:class:`CalibrationOptions`), export (:class:`ExportOptions`), evaluation (:class:`EvaluationOptions`) and
@@ -308,20 +308,10 @@ class Recipe:
             self._check_budget()
 
     def _check_budget(self) -> None:
-        """The budget inside what the candidate ratios reach, ``b_N + ratio·(b_H − b_N)`` for the smallest and the
-        largest candidate (before any model loads; per layer the floor of ratio × columns can land a hair lower)."""
-        r, lo_bits, hi_bits = self.ratios, self.quant.bits, self.quant.bits_high
-        if not r.candidates or not all(0.0 <= c <= 1.0 for c in r.candidates):
-            raise ValueError(f"ratios.candidates={list(r.candidates)}; give ratios in [0, 1]")
-        lo = lo_bits + min(r.candidates) * (hi_bits - lo_bits)
-        hi = lo_bits + max(r.candidates) * (hi_bits - lo_bits)
-        target = r.target_avg_bits
-        if not lo - 1e-9 <= target <= hi + 1e-9:
-            fix = ("lower it or add larger ratios to ratios.candidates" if target > hi else
-                   "raise it or add smaller ratios (0 = no high-impact columns) to ratios.candidates")
-            raise ValueError(f"ratios.target_avg_bits={target} is infeasible: with candidates "
-                             f"{', '.join(f'{c:g}' for c in r.candidates)} and bits {lo_bits}/{hi_bits} the reachable "
-                             f"average is {lo:.3f} .. {hi:.3f} bits; {fix}")
+        """The budget inside what the candidate ratios reach (:func:`hiq.solver.check_target`, the one rule)."""
+        from hiq.solver import check_target
+
+        check_target(self.ratios.target_avg_bits, self.ratios.candidates, self.quant.bits, self.quant.bits_high)
 
     def label(self) -> str:
         return self.quant.label()

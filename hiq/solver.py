@@ -65,6 +65,8 @@ from typing import Any
 
 import numpy as np
 
+from hiq.layouts import LayerInfo  # the solver's view of a layer (re-exported: hiq.solver.LayerInfo)
+
 __all__ = [
     "MODES",
     "LayerInfo",
@@ -74,6 +76,7 @@ __all__ = [
     "assignment_objective",
     "average_bits",
     "check_budget",
+    "check_target",
     "milp_size",
     "solve_ratios",
 ]
@@ -89,24 +92,6 @@ _VERIFY_TOL = 1e-9
 _HIGHS_FEAS_TOL = 1e-10
 # Relative asymmetry of a block matrix above which it is rejected rather than symmetrised.
 _SYM_RTOL = 1e-6
-
-
-@dataclass
-class LayerInfo:
-    """One quantized linear layer.
-
-    Attributes:
-        name: unique name (e.g. ``"model.layers.0.self_attn.q_proj"``); the key in ``ratios.json``.
-        block: index of its transformer block, ``0 <= block < len(M_blocks)``.
-        n_params: number of weights (``out_features * in_features``), > 0.
-
-    Layers are listed in a fixed order; the layers of block ``b`` appear in the same order as the
-    rows of block ``b``'s matrix (``l_local * K + m``).
-    """
-
-    name: str
-    block: int
-    n_params: int
 
 
 @dataclass
@@ -271,6 +256,26 @@ def achievable_range(
     values = _validate_candidates(candidates)
     _validate_bits(bits_low, bits_high)
     return _bits_per_weight(min(values), bits_low, bits_high), _bits_per_weight(max(values), bits_low, bits_high)
+
+
+def check_target(target_avg_bits: float, candidates: Sequence[float], bits_low: float,
+                 bits_high: float) -> tuple[float, float]:
+    """The one budget rule of a run (``hiq.Recipe`` checks it before any model loads, the ratio stage's callback
+    again with the model's layers through :func:`check_budget`): the target inside ``b_N + r·(b_H − b_N)`` for the
+    smallest and the largest candidate ``r``. Returns that range; ``ValueError`` naming the value and the fix."""
+    values = _validate_candidates(candidates)
+    _validate_bits(bits_low, bits_high)
+    if isinstance(target_avg_bits, bool) or not isinstance(target_avg_bits, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(target_avg_bits):
+        raise ValueError(f"ratios.target_avg_bits={target_avg_bits!r}; give a finite number of bits")
+    lo, hi = _bits_per_weight(min(values), bits_low, bits_high), _bits_per_weight(max(values), bits_low, bits_high)
+    if not lo - 1e-9 <= target_avg_bits <= hi + 1e-9:
+        fix = ("lower it or add larger ratios to ratios.candidates" if target_avg_bits > hi else
+               "raise it or add smaller ratios (0 = no high-impact columns) to ratios.candidates")
+        raise ValueError(f"ratios.target_avg_bits={target_avg_bits} is infeasible: with candidates "
+                         f"{', '.join(f'{c:g}' for c in values)} and bits {bits_low}/{bits_high} the reachable "
+                         f"average is {lo:.3f} .. {hi:.3f} bits; {fix}")
+    return lo, hi
 
 
 def check_budget(

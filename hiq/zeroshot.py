@@ -84,8 +84,15 @@ def evaluate_zeroshot(model, tokenizer, tasks: Iterable[str], limit: int | float
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    out = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0, limit=limit,
-                          log_samples=False, bootstrap_iters=1000)  # acc stderr: closed form
+    from unittest import mock
+
+    import lm_eval.evaluator
+
+    # lm-eval records the git commit of the working directory by running `git describe`, whose "fatal: not a git
+    # repository" lands on the run's stderr outside a checkout; hiq records lm-eval's version instead
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+        out = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0, limit=limit,
+                              log_samples=False, bootstrap_iters=1000)  # acc stderr: closed form
     model.train(was_training)
     per_task = {}
     for name in names:

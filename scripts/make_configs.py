@@ -60,10 +60,11 @@ MODELS["llama-2-13b"] = {**MODELS["llama-2-7b"], "path": "meta-llama/Llama-2-13b
 
 TEMPLATE = """\
 # HiQ {label} (b_N={bl}, b_H={bh}, {gs_text}) on {what}.
-# Fisher scores -> matrix M -> HiGHS ratios -> hybrid AdaRound+LWC block reconstruction -> export -> perplexity.
+# Fisher scores -> matrix M -> HiGHS ratios -> learned-rounding block reconstruction (the quantizers below) -> scale
+# tuning -> export -> perplexity.
 #   hiq fit --config configs/{model}/{name}.yaml [--trainer.default_root_dir=runs/my-run] [--model.path=...]
-# Run directory: run.json, fisher.safetensors, sensitivity/, ratios.json, plots/, blocks/, packed/, model/, eval/,
-# metrics.json. Rerunning with the same run directory resumes at the first unfinished stage or block (every
+# Run directory: run.json, fisher.safetensors, sensitivity/, ratios.json, plots/, blocks/, tuning.safetensors,
+# packed/, model/, eval/, metrics.json. Rerunning with the same run directory resumes at the first unfinished stage or block (every
 # artifact checked against its checksum and key); another recipe there is refused (--overwrite=true replaces it).
 # Written by scripts/make_configs.py.
 # Sections quant/ratios/sensitivity/reconstruction are the Recipe (hiq.recipe); the same recipe in Python:

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,39 @@ def test_console_script_help_and_unknown_command():
     assert subprocess.run([exe, "--help"], capture_output=True, text=True).returncode == 0
     bad = subprocess.run([exe, "quantise"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'quantise'" in bad.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["eval"]])
+def test_help_is_plain_text_with_the_subcommand_in_the_usage(command):
+    exe = Path(sys.executable).parent / "hiq"
+    out = subprocess.run([exe, *command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for markup in (":class:", ":func:", ":mod:", ":meth:", ":data:", "``"):
+        assert markup not in text, f"{markup} in `hiq {' '.join(command)} --help`"
+    if command:
+        assert re.search(rf"^usage: hiq {command[0]} ", text, re.M), text[:200]
+
+
+def test_the_loggers_run_config_carries_the_recipe(tiny_copy, tmp_path):
+    """W&B's run config (any Lightning logger's hyperparameters) holds the recipe, its key and the calibration."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    import hiq
+    from hiq.data import calibration_windows, load_text, tokenize_text
+
+    model, tokenizer = tiny_copy
+    windows = calibration_windows(tokenize_text(tokenizer, load_text("wikitext2", "train")), 4, 64, 0)
+    logger = CSVLogger(tmp_path / "logs")
+    recipe = hiq.Recipe(ratios=hiq.RatioOptions(mode="uniform", target_avg_bits=2.1),
+                        sensitivity=hiq.SensitivityOptions(enabled=False),
+                        reconstruction=hiq.ReconstructionOptions(enabled=False))
+    trainer = L.Trainer(logger=logger, default_root_dir=str(tmp_path / "run"), limit_train_batches=0,
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    hiq.quantize(model, tokenizer, recipe=recipe, calibration=windows, trainer=trainer)
+    import yaml
+
+    logged = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert logged["recipe"]["quant"]["bits"] == 2 and logged["recipe"]["ratios"]["target_avg_bits"] == 2.1
+    assert logged["recipe_key"] == recipe.key() and logged["calibration"]["nsamples"] == 4

@@ -62,9 +62,9 @@ def test_metrics_blocks_and_model(finished, tiny):
     assert len(metrics["blocks"]) == 8
     # every block's linears are on their b-bit grids and the file holds what export needs
     block = load_tensors(run / "blocks" / "block_03.safetensors")
-    rec = block["layers"]["self_attn.v_proj"]
-    assert sorted(rec["perm"].tolist()) == list(range(128))
-    assert int(rec["high"]["codes"].max()) <= 7 and int(rec["normal"]["codes"].max()) <= 3
+    rec = LayerRecord.from_dict(block["layers"]["self_attn.v_proj"])
+    assert sorted(rec.perm.tolist()) == list(range(128))
+    assert int(rec.high.codes.max()) <= 7 and int(rec.normal.codes.max()) <= 3
     assert block["steps"] == 12 and block["loss_final"] > 0
     # model/ is a plain Hugging Face checkpoint with the dequantised weights in the source's dtype (float16 here; the
     # run computed in float32), scoring what metrics.json says up to that rounding

@@ -205,6 +205,8 @@ def _small(tmp_path, **sections) -> str:
 @pytest.mark.parametrize("extra,message", [
     (["--reconstruction.iteration=10"], "unrecognized arguments: --reconstruction.iteration=10"),
     (["--ratios.target_avg_bits=2.5"], "reachable average is 2.050 .. 2.200 bits"),
+    (["--quant.bits=4", "--quant.bits_high=8", "--ratios.target_avg_bits=2.1"],
+     "ratios.target_avg_bits=2.1 is infeasible: with candidates"),
     (["--trainer.devices=3", "--reconstruction.enabled=true"], "is not divisible by the 3 processes"),
     (["--data.dataset=/no/such.txt"], "dataset file '/no/such.txt' does not exist"),
     (["--data.seqlen=5000"], "exceeds the model's context"),

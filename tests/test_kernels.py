@@ -15,7 +15,6 @@ import hiq  # noqa: F401  (registers quant_method "hiq")
 from hiq import kernels
 from hiq.packed import GUARD_KEY, PackedLinear, save_packed
 from hiq.quant.grid import group_widths
-from hiq.quant.hybrid import dequantize_record
 from tests.test_packed import TOKENS, quantized_records
 
 needs_kernel = pytest.mark.skipif(kernels.cpu_layout() is None, reason="this torch build has no CPU int4 kernel")
@@ -104,7 +103,7 @@ def test_unsupported_layers_keep_the_dequantising_path(tiny, tmp_path):
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, PackedLinear)}
     assert not any(m.kernel_ready for m in layers.values())
     for name, record in records.items():
-        assert torch.equal(layers[name].dequantized_weight(), dequantize_record(record))
+        assert torch.equal(layers[name].dequantized_weight(), record.dequantize())
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from hiq.model import block_linears, find_blocks
-from hiq.quant.bits import record_bits
 from hiq.quant.grid import QuantSpec, fake_quant_rtn, group_widths
-from hiq.quant.hybrid import HybridLinear, check_record_grid, dequantize_record
+from hiq.quant.hybrid import HybridLinear
 from hiq.quant.learned import GAMMA, ZETA, AdaRoundQuantizer, LWCQuantizer
 from hiq.quant.mixed import mixed_fake_quant
 from hiq.schedules import GammaAnnealing
@@ -81,16 +80,16 @@ def test_hybrid_record_roundtrip(layer, group_size, high):
     assert hybrid.n_high == 76  # floor(0.2 * 384)
     assert torch.equal(hybrid.perm[:76], torch.arange(76))
     record = hybrid.finish()
-    check_record_grid(record)
+    record.check_grid()
     # the record keeps float16-valued scales (what a packed checkpoint stores): the training-time weight up to
     # float16 rounding of the scales, codes unchanged
     for part in ("high", "normal"):
-        assert torch.equal(record[part]["scale"], record[part]["scale"].half().float())
-    torch.testing.assert_close(dequantize_record(record), hybrid.quantized_weight(), rtol=2**-10, atol=1e-6)
+        assert torch.equal(record.part(part).scale, record.part(part).scale.half().float())
+    torch.testing.assert_close(record.dequantize(), hybrid.quantized_weight(), rtol=2**-10, atol=1e-6)
     # groups never mix bit widths: the high part has its own groups (76 = 64 + 12 columns)
     if group_size == 64:
-        assert record["high"]["scale"].shape == (128, 2) and record["normal"]["scale"].shape == (128, 5)
-    weight_bits, storage = record_bits(record)
+        assert record.high.scale.shape == (128, 2) and record.normal.scale.shape == (128, 5)
+    weight_bits, storage = record.bits()
     assert weight_bits == 128 * (76 * 3 + 308 * 2) and storage > weight_bits
     x = torch.randn(5, 384)
     torch.testing.assert_close(hybrid(x), x @ hybrid.quantized_weight().T + (layer.bias or 0), rtol=1e-5, atol=1e-5)
@@ -178,13 +177,13 @@ def test_keep_best_returns_the_record_of_the_lowest_loss_step(tiny_copy):
         module._remember_if_best(torch.tensor(loss))
     assert module.best_loss == 1.0 and module.best_step == 0
     (kept,) = module.finished_records()  # the integer record of the lowest-loss parameters, not the last ones
-    codes = {v: r["normal"]["codes"] for v, r in records.items()}
-    assert torch.equal(kept["normal"]["codes"], codes[0.2]) and not torch.equal(codes[0.2], codes[0.3])
-    assert torch.equal(kept["normal"]["scale"], records[0.2]["normal"]["scale"])
+    codes = {v: r.normal.codes for v, r in records.items()}
+    assert torch.equal(kept.normal.codes, codes[0.2]) and not torch.equal(codes[0.2], codes[0.3])
+    assert torch.equal(kept.normal.scale, records[0.2].normal.scale)
     assert torch.all(hybrid.normal.offset == 0.3)  # the layer itself was left as the fit ended
     ada = HybridLinear(lin, torch.rand(lin.in_features), 0.1, 3, 2, None, "adaround", 4.0, "lwc")
     snapshot = ada.record()
-    assert not ada.high.hard and all(torch.equal(snapshot[p]["codes"], ada.finish()[p]["codes"])
+    assert not ada.high.hard and all(torch.equal(snapshot.part(p).codes, ada.finish().part(p).codes)
                                      for p in ("high", "normal"))
 
 
@@ -257,4 +256,5 @@ def test_a_bf16_layer_is_quantized_as_its_float32_copy_would_be(layer, high, nor
     assert (dtype_h, dtype_f) == (torch.bfloat16, torch.float32) and w_h.dtype == torch.float32
     assert torch.equal(w_h, w_f) and all(torch.equal(a, b) for a, b in zip(g_h, g_f, strict=True))
     for part in ("high", "normal"):
-        assert all(torch.equal(rec_h[part][k], rec_f[part][k]) for k in ("codes", "scale", "zero"))
+        assert all(torch.equal(getattr(rec_h.part(part), k), getattr(rec_f.part(part), k))
+                   for k in ("codes", "scale", "zero"))

@@ -14,8 +14,7 @@ import hiq  # noqa: F401  (registers quant_method "hiq" with transformers)
 from hiq.cli import main
 from hiq.layouts import layout_for
 from hiq.packed import PackedFormatError, PackedLinear, check_checkpoint, save_packed
-from hiq.quant.bits import record_bits
-from hiq.quant.hybrid import HybridLinear, dequantize_record
+from hiq.quant.hybrid import HybridLinear
 
 TOKENS = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -31,7 +30,7 @@ def quantized_records(model, group_size, ratios=(0.0, 0.1, 0.25), quantizers=("s
                               high_quantizer=quantizers[i % len(quantizers)], normal_quantizer="signround")
         records[name] = hybrid.finish()
         with torch.no_grad():
-            lin.weight.copy_(dequantize_record(records[name]))
+            lin.weight.copy_(records[name].dequantize())
     return records
 
 
@@ -52,7 +51,7 @@ def test_round_trip_is_exact(packed):
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, PackedLinear)}
     assert set(layers) == set(records)  # every block linear is packed, nothing else
     for name, record in records.items():
-        assert torch.equal(layers[name].dequantized_weight(), dequantize_record(record))
+        assert torch.equal(layers[name].dequantized_weight(), record.dequantize())
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
     # the default load keeps the source's stored dtype (fp16) and runs
@@ -61,14 +60,22 @@ def test_round_trip_is_exact(packed):
     assert torch.isfinite(half(TOKENS).logits.float()).all()
 
 
+def test_save_pretrained_of_a_loaded_packed_model_says_what_to_do(packed, tmp_path):
+    _, _, out = packed
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"already the deployable checkpoint.*hiq export RUN_DIR"):
+        loaded.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 def test_packed_size_is_the_storage_bits(packed):
     model, records, out = packed
     tensors = load_file(out / "model.safetensors")
     for name, record in records.items():
         nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(name + "."))
-        storage_bits = record_bits(record)[1]
+        storage_bits = record.bits()[1]
         assert nbytes <= storage_bits / 8 * 1.02 + 8, name  # codes + fp16 scale + b-bit zero, plus the index
-        assert nbytes < record["perm"].numel() * record["high"]["codes"].shape[0] * 2 * 0.2  # < 20 % of fp16
+        assert nbytes < record.perm.numel() * record.high.codes.shape[0] * 2 * 0.2  # < 20 % of fp16
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "hiq" and qc["format_version"] == 1 and set(qc["layers"]) == set(records)
@@ -199,12 +206,12 @@ def test_compressed_tensors_decompress_bit_exactly(tiny_copy, tmp_path, group_si
     for name, record in records.items():
         local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-        assert torch.equal(weight, dequantize_record(record).half()), name
+        assert torch.equal(weight, record.dequantize().half()), name
     # transformers loads it too (dequantising at load time) with the same weights
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16,
                                                   quantization_config=CompressedTensorsConfig(dequantize=True))
     name, record = next(iter(records.items()))
-    assert torch.equal(loaded.get_submodule(name).weight, dequantize_record(record).half())
+    assert torch.equal(loaded.get_submodule(name).weight, record.dequantize().half())
 
 
 def test_hiq_commands_load_the_compressed_tensors_export(tiny_copy, tmp_path, capsys):

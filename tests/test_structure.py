@@ -196,3 +196,4 @@ def test_one_grid_with_short_last_groups():
     # a short last group (200 = 3 x 64 + 8) has its own scale/zero: the same as quantizing it alone
     assert torch.equal(fake_quant_part(w, 2, 64)[:, 192:], fake_quant_rtn(w[:, 192:], QuantSpec(2, None)))
     assert torch.equal(fake_quant_part(w, 2, 64)[:, :192], fake_quant_rtn(w[:, :192], QuantSpec(2, 64)))
+

@@ -57,7 +57,6 @@ __all__ = [
     "average_bits_over_layers",
     "mixed_average_bits",
     "ratio_average_bits",
-    "record_bits",
     "spec_average_bits",
     "stored_dtype",
     "stored_width",
@@ -251,17 +250,6 @@ def ratio_average_bits(ratios, n_params, bits_low: float, bits_high: float) -> f
         raise ValueError(f"got {len(ratios)} ratios for {len(n_params)} layers")
     weighted = math.fsum(n * (bits_low + r * (bits_high - bits_low)) for r, n in zip(ratios, n_params, strict=True))
     return weighted / sum(n_params)
-
-
-def record_bits(record: dict, scale_bits: int = 16) -> tuple[int, int]:
-    """``(code bits, storage bits)`` of a finished hybrid layer (:meth:`hiq.quant.hybrid.HybridLinear.finish`):
-    codes only; codes + an fp16 scale and a b-bit zero per row and group of each part (the ``storage`` rule)."""
-    weight_bits = storage = 0
-    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
-        codes = record[part]["codes"]
-        weight_bits += codes.numel() * bits
-        storage += codes.numel() * bits + record[part]["scale"].numel() * (scale_bits + bits)
-    return weight_bits, storage
 
 
 def stored_dtype(model):

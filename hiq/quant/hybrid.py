@@ -1,11 +1,13 @@
 """The hybrid linear of block reconstruction: the high-impact columns and the rest each through their own
-learnable quantizer (the paper: AdaRound and LWC; or SignRound on either part).
+learnable quantizer (the default recipe: SignRound's learned rounding on both parts; the paper: AdaRound on the
+high-impact part and LWC on the rest).
 
 Input columns are permuted so each part is contiguous: ``perm = [high-impact columns by descending impact
 score, normal columns in original order]`` (the split of :func:`hiq.quant.mixed.split_columns`, the one M
 was measured with). Each part is quantized as its own matrix, so a scale/zero group never mixes bit widths.
 ``finish()`` turns the layer into what export needs — integer codes, scales, zeros and the permutation
-(:class:`QuantizedLinearRecord`) — and :func:`dequantize_record` rebuilds the weight in original column order:
+(:class:`hiq.quant.record.LayerRecord`) — and :meth:`~hiq.quant.record.LayerRecord.dequantize` rebuilds the weight
+in original column order:
 the finished layer's weight with its scales rounded to float16 values (what the packed checkpoint stores; the
 block's linears get exactly this weight, so what is evaluated is what is deployed).
 """
@@ -16,9 +18,9 @@ import torch
 from torch import nn
 
 from hiq.model import linear
-from hiq.quant.grid import dequantize_part
 from hiq.quant.learned import QUANTIZERS, LWCQuantizer
 from hiq.quant.mixed import split_columns
+from hiq.quant.record import LayerRecord, PartCodes
 
 
 class HybridLinear(nn.Module):
@@ -30,7 +32,9 @@ class HybridLinear(nn.Module):
         ratio: share of input columns that are high-impact (``floor(ratio * in_features)`` columns).
         bits_high, bits_low: b_H and b_N.
         group_size: columns per scale/zero group, or None for one per row (and part).
-        high_quantizer: ``adaround`` (the method) or ``lwc`` (ablation: both parts through LWC).
+        high_quantizer, normal_quantizer: the learned quantizer of each part, one of
+            :data:`hiq.quant.learned.QUANTIZERS` (``signround``: the default recipe on both parts; the paper:
+            ``adaround`` for the high-impact part, ``lwc`` for the rest).
         lwc_init: initial clipping logits of LWC.
     """
 
@@ -98,48 +102,26 @@ class HybridLinear(nn.Module):
         self.high.project()
         self.normal.project()
 
-    def finish(self) -> dict:
-        """Hard rounding; the integer record of the layer (see :func:`dequantize_record`). Scales are rounded to
+    def finish(self) -> LayerRecord:
+        """Hard rounding; the integer record of the layer (:class:`LayerRecord`). Scales are rounded to
         float16 values (kept as float32): the weights evaluated here are exactly those a packed checkpoint holds
         (:mod:`hiq.packed`)."""
         return self._layer_record(self.high.finish(), self.normal.finish())
 
-    def record(self) -> dict:
+    def record(self) -> LayerRecord:
         """What :meth:`finish` returns for the layer as it is now, without changing it (the best step's snapshot of
         ``keep_best``: codes are one byte per weight, a copy of the learned parameters four)."""
         return self._layer_record(self.high.record(), self.normal.record())
 
-    def _layer_record(self, high: dict, normal: dict) -> dict:
-        return {
-            "perm": self.perm.cpu(), "n_high": self.n_high, "ratio": self.ratio, "group_size": self.group_size,
-            "bits_high": self.bits_high, "bits_low": self.bits_low, "high_quantizer": self.high_quantizer,
-            "normal_quantizer": self.normal_quantizer, "high": _half_scales(high), "normal": _half_scales(normal),
-        }
+    def _layer_record(self, high: dict, normal: dict) -> LayerRecord:
+        return LayerRecord(self.perm.cpu(), self.n_high, self.ratio, self.group_size, self.bits_high, self.bits_low,
+                           self.high_quantizer, self.normal_quantizer, _half_scales(high), _half_scales(normal))
 
 
 #: Version of the finished-layer record (part of every block's cache key): 2 = float16-valued scales.
 RECORD_FORMAT = 2
 
 
-def _half_scales(part: dict) -> dict:
-    out = {k: v.cpu() for k, v in part.items()}
-    out["scale"] = out["scale"].to(torch.float16).float()
-    return out
-
-
-def dequantize_record(record: dict) -> torch.Tensor:
-    """The float32 weight ``(out, in)`` in original column order from a :meth:`HybridLinear.finish` record."""
-    parts = [dequantize_part(record[p]["codes"], record[p]["scale"], record[p]["zero"], record["group_size"])
-             for p in ("high", "normal")]
-    return torch.cat(parts, dim=1)[:, torch.argsort(record["perm"])]
-
-
-def check_record_grid(record: dict) -> None:
-    """Every code within its part's ``2^b`` levels and zero points integral in range (raises ``ValueError``)."""
-    for part, bits in (("high", record["bits_high"]), ("normal", record["bits_low"])):
-        codes, zero = record[part]["codes"], record[part]["zero"]
-        qmax = (1 << bits) - 1
-        if codes.numel() and int(codes.max()) > qmax:
-            raise ValueError(f"{part} codes reach {int(codes.max())} > {qmax} for {bits} bits")
-        if zero.numel() and (zero.min() < 0 or zero.max() > qmax or not torch.equal(zero, zero.round())):
-            raise ValueError(f"{part} zero points are not integers in [0, {qmax}]")
+def _half_scales(part: dict) -> PartCodes:
+    codes = {k: v.cpu() for k, v in part.items()}
+    return PartCodes(codes["codes"], codes["scale"].to(torch.float16).float(), codes["zero"])
