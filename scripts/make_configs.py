@@ -64,8 +64,9 @@ TEMPLATE = """\
 # tuning -> export -> perplexity.
 #   hiq fit --config configs/{model}/{name}.yaml [--trainer.default_root_dir=runs/my-run] [--model.path=...]
 # Run directory: run.json, fisher.safetensors, sensitivity/, ratios.json, plots/, blocks/, tuning.safetensors,
-# packed/, model/, eval/, metrics.json. Rerunning with the same run directory resumes at the first unfinished stage or block (every
-# artifact checked against its checksum and key); another recipe there is refused (--overwrite=true replaces it).
+# packed/, model/, eval/, metrics.json. Rerunning with the same run directory resumes at the first unfinished stage
+# or block (every artifact checked against its checksum and key); another recipe there is refused (--overwrite=true
+# replaces it).
 # Written by scripts/make_configs.py.
 # Sections quant/ratios/sensitivity/reconstruction are the Recipe (hiq.recipe); the same recipe in Python:
 #   hiq.quantize("{path}", recipe=hiq.Recipe(quant=..., ratios=...), calibration=..., run_dir=...)
