@@ -35,6 +35,9 @@ import hiq
 from hiq.api import FitConfig
 from hiq.recipe import PAPER_CANDIDATES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_table  # noqa: E402  (benchmarks/ is not a package)
+
 # the paper's quantizers and candidate ratios as the README's paper-preset table ran them (400 Adam steps of 4
 # windows per block)
 PAPER = {"ratios.candidates": list(PAPER_CANDIDATES), "reconstruction.normal_quantizer": "lwc",
@@ -149,17 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         tables[setting] = run_setting(setting, out, parse_options(args.extra), args.rows)
         (out / setting / "table.json").write_text(json.dumps(tables[setting], indent=2) + "\n")
     for setting, rows in tables.items():
-        print(f"\n**{setting}** (configs/tiny/{setting}.yaml)\n")
-        print("| method | avg bits | WikiText-2 ppl | C4-sample ppl | time s |")
-        print("|---|---|---|---|---|")
-        order = [name for name in ORDER if name in rows]
-        for name in order:
-            r = rows[name]
-            print(f"| {r['label']} | {r['avg_bits']:.3f} | {r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | "
-                  f"{r['seconds']:.0f} |")
-        print()
-        for name in order:
-            print(f"- {rows[name]['label']}: `{rows[name]['command']}`")
+        order = [rows[name] for name in ORDER if name in rows]
+        print_table(["method", "avg bits", "WikiText-2 ppl", "C4-sample ppl", "time s"],
+                    [[r["label"], f"{r['avg_bits']:.3f}", f"{r['wikitext2_ppl']:.2f}", f"{r['c4_ppl']:.2f}",
+                      f"{r['seconds']:.0f}"] for r in order],
+                    [f"{r['label']}: `{r['command']}`" for r in order],
+                    title=f"**{setting}** (configs/tiny/{setting}.yaml)")
     return 0
 
 

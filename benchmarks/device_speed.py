@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_table  # noqa: E402  (benchmarks/ is not a package)
+
 HIQ = [sys.executable, "-m", "hiq"]
 STAGES = ["fisher", "sensitivity", "ratios", "reconstruction", "export", "evaluation"]
 
@@ -55,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"cpu": run_row(args.config, out / "cpu", "cpu", args.extra), **rows}
     names = list(rows)
     devices = ", ".join(f"{n} = {rows[n]['device']}" for n in names)
-    print(f"\n{args.config}: stage seconds ({devices}; {os.cpu_count()} CPU cores)\n")
     ratio = "gpu" in rows
-    print("| stage | " + " | ".join(names) + (" | cpu / gpu |" if ratio else " |"))
-    print("|---|" + "---|" * (len(names) + ratio))
+    table = []
     for stage in [*STAGES, "total"]:
         vals = [sum(rows[n]["stage_seconds"].values()) if stage == "total" else rows[n]["stage_seconds"].get(stage)
                 for n in names]
@@ -67,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{v:.1f}" if v is not None else "-" for v in vals]
         if ratio:
             cells.append(f"{vals[0] / vals[1]:.1f}x" if vals[0] and vals[1] else "-")
-        print(f"| {stage} | " + " | ".join(cells) + " |")
-    print("\n| device | avg bits | WikiText-2 ppl | C4-sample ppl |\n|---|---|---|---|")
-    for n in names:
-        m = rows[n]
-        print(f"| {m['device']} | {m['avg_bits']:.3f} | {m['wikitext2_ppl']:.2f} | {m['c4_ppl']:.2f} |")
+        table.append([stage, *cells])
+    print_table(["stage", *names, *(["cpu / gpu"] if ratio else [])], table,
+                title=f"{args.config}: stage seconds ({devices}; {os.cpu_count()} CPU cores)")
     print()
-    for n in names:
-        print(f"- {n}: `{rows[n]['command']}`")
+    print_table(["device", "avg bits", "WikiText-2 ppl", "C4-sample ppl"],
+                [[rows[n]["device"], f"{rows[n]['avg_bits']:.3f}", f"{rows[n]['wikitext2_ppl']:.2f}",
+                  f"{rows[n]['c4_ppl']:.2f}"] for n in names],
+                [f"{n}: `{rows[n]['command']}`" for n in names])
     return 0
 
 

@@ -28,6 +28,7 @@ from hiq.api import FitConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import as_command, parse_options  # noqa: E402  (benchmarks/ is not a package)
+from tables import print_table  # noqa: E402
 
 
 def run_budget(config: str, budget: float, out: Path, first: Path | None, options: dict) -> dict:
@@ -128,17 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: r["budget"])
     (out / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
     png = plot(rows, out / "frontier.png", f"{args.config}: bits vs perplexity (one Fisher pass, one M)", others)
-    print(f"\n{args.config}, one Fisher pass and one M for every budget ({png})\n")
-    print("| budget | setting | avg bits (codes) | storage | WikiText-2 ppl | C4-sample ppl | ratios + recon s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        wt = f"{r['wikitext2_ppl']:.2f}" if r["wikitext2_ppl"] is not None else "-"
-        c4 = f"{r['c4_ppl']:.2f}" if r["c4_ppl"] is not None else "-"
-        print(f"| {r['budget']:.3f} | {r['setting']} | {r['avg_bits']:.3f} | {r['avg_bits_storage']:.3f} | {wt} | "
-              f"{c4} | {r['seconds']:.0f} |")
-    print()
-    for r in rows:
-        print(f"- {r['budget']:.3f}: `{r['command']}`")
+    def ppl(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    print_table(["budget", "setting", "avg bits (codes)", "storage", "WikiText-2 ppl", "C4-sample ppl",
+                 "ratios + recon s"],
+                [[f"{r['budget']:.3f}", r["setting"], f"{r['avg_bits']:.3f}", f"{r['avg_bits_storage']:.3f}",
+                  ppl(r["wikitext2_ppl"]), ppl(r["c4_ppl"]), f"{r['seconds']:.0f}"] for r in rows],
+                [f"{r['budget']:.3f}: `{r['command']}`" for r in rows],
+                title=f"{args.config}, one Fisher pass and one M for every budget ({png})")
     return 0
 
 

@@ -24,6 +24,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_table  # noqa: E402  (benchmarks/ is not a package)
+
 HIQ = [sys.executable, "-m", "hiq"]
 
 
@@ -93,17 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run, rows))
     (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{args.config} on {results[0]['device']} (Fisher and M shared by all rows)\n")
-    print("| ratios | high-impact quantizer | steps/block | lambda | avg bits | WikiText-2 | C4-sample |"
-          " mean final block loss | recon s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        lam = "-" if r["round_weight"] is None else f"{r['round_weight']:g}"
-        print(f"| {r['mode']} | {r['quantizer']} | {r['iterations']} | {lam} | {r['avg_bits']:.3f} | "
-              f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['mean_block_loss']:.4g} | {r['recon_s']:.0f} |")
-    print()
-    for r in results:
-        print(f"- `{r['command']}`")
+    print_table(["ratios", "high-impact quantizer", "steps/block", "lambda", "avg bits", "WikiText-2", "C4-sample",
+                 "mean final block loss", "recon s"],
+                [[r["mode"], r["quantizer"], r["iterations"],
+                  "-" if r["round_weight"] is None else f"{r['round_weight']:g}", f"{r['avg_bits']:.3f}",
+                  f"{r['wikitext2_ppl']:.2f}", f"{r['c4_ppl']:.2f}", f"{r['mean_block_loss']:.4g}",
+                  f"{r['recon_s']:.0f}"] for r in results],
+                [r["command"] for r in results],
+                title=f"{args.config} on {results[0]['device']} (Fisher and M shared by all rows)")
     return 0
 
 

@@ -37,8 +37,10 @@ MARKERS: list[tuple[re.Pattern, str]] = [
 ]
 
 
-def rss_bytes(root: int) -> int:
-    """VmRSS of ``root`` and all its descendants (Linux ``/proc``); 0 once it is gone."""
+def rss_bytes(root: int, field: str = "VmRSS") -> int:
+    """``field`` of ``/proc/<pid>/status`` (``VmRSS``: all resident memory; ``RssAnon``: the part not backed by a
+    file, i.e. without the pages of memory-mapped safetensors shards, which the kernel can drop and re-read) of
+    ``root`` and all its descendants (Linux ``/proc``), in bytes; 0 once it is gone."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -56,7 +58,7 @@ def rss_bytes(root: int) -> int:
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1]) * 1024
                         break
         except OSError:
@@ -79,7 +81,7 @@ def profile(command: list[str], out: Path, every: float = 1.0) -> dict:
     t0 = time.time()
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     state = {"stage": "load"}
-    samples: list[tuple[float, int, str]] = []
+    samples: list[tuple[float, int, str, int]] = []  # (seconds, VmRSS, stage, RssAnon)
 
     def read(stream, sink) -> None:
         buf = b""
@@ -100,29 +102,33 @@ def profile(command: list[str], out: Path, every: float = 1.0) -> dict:
         for r in readers:
             r.start()
         while proc.poll() is None:
-            samples.append((round(time.time() - t0, 2), rss_bytes(proc.pid), state["stage"]))
+            samples.append((round(time.time() - t0, 2), rss_bytes(proc.pid), state["stage"],
+                            rss_bytes(proc.pid, "RssAnon")))
             time.sleep(every)
         for r in readers:
             r.join()
     stages: dict[str, dict] = {}
-    for t, rss, stage in samples:
-        s = stages.setdefault(stage, {"peak_rss_gib": 0.0, "start_s": t, "end_s": t})
+    for t, rss, stage, anon in samples:
+        s = stages.setdefault(stage, {"peak_rss_gib": 0.0, "peak_anon_gib": 0.0, "start_s": t, "end_s": t})
         s["peak_rss_gib"] = max(s["peak_rss_gib"], round(rss / 2**30, 3))
+        s["peak_anon_gib"] = max(s["peak_anon_gib"], round(anon / 2**30, 3))
         s["end_s"] = t
     for s in stages.values():
         s["seconds"] = round(s["end_s"] - s["start_s"], 1)
     result = {"command": command, "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1),
               "every_s": every, "peak_rss_gib": max((s["peak_rss_gib"] for s in stages.values()), default=0.0),
+              "peak_anon_gib": max((s["peak_anon_gib"] for s in stages.values()), default=0.0),
               "stages": stages, "samples": samples, "log": str(log_path)}
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 def format_table(result: dict) -> str:
-    rows = ["| stage | peak RSS (GiB) | seconds (sampled) |", "|---|---:|---:|"]
+    rows = ["| stage | peak RSS (GiB) | of it not file-backed | seconds (sampled) |", "|---|---:|---:|---:|"]
     for name, s in result["stages"].items():
-        rows.append(f"| {name} | {s['peak_rss_gib']:.2f} | {s['seconds']:.0f} |")
-    rows.append(f"| **whole run** | **{result['peak_rss_gib']:.2f}** | {result['wall_s']:.0f} |")
+        rows.append(f"| {name} | {s['peak_rss_gib']:.2f} | {s['peak_anon_gib']:.2f} | {s['seconds']:.0f} |")
+    rows.append(f"| **whole run** | **{result['peak_rss_gib']:.2f}** | {result['peak_anon_gib']:.2f} | "
+                f"{result['wall_s']:.0f} |")
     return "\n".join(rows)
 
 

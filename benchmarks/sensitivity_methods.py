@@ -32,6 +32,7 @@ from hiq.solver import LayerInfo, solve_ratios
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import as_command  # noqa: E402  (benchmarks/ is not a package)
+from tables import print_table  # noqa: E402
 
 
 def run_method(config: str, method: str, run: Path, fisher_from: Path | None, fidelity: int,
@@ -86,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.config}: M by method (one Fisher pass; {args.fidelity} random whole-block assignments per block "
           f"for the fidelity columns)\n")
-    print("| method | block evaluations | M seconds | fidelity Spearman (mean / min over blocks) | Pearson (mean) |")
-    print("|---|---|---|---|---|")
+    rows = []
     for m in METHODS:
         blocks = res[m]["blocks"]
         sp = [b["fidelity"]["spearman"] for b in blocks]
         pe = [b["fidelity"]["pearson"] for b in blocks]
-        print(f"| {m} | {sum(int(b['evaluations']) for b in blocks)} | {sum(b['seconds'] for b in blocks):.1f} | "
-              f"{statistics.mean(sp):.3f} / {min(sp):.3f} | {statistics.mean(pe):.3f} |")
+        rows.append([m, sum(int(b["evaluations"]) for b in blocks), f"{sum(b['seconds'] for b in blocks):.1f}",
+                     f"{statistics.mean(sp):.3f} / {min(sp):.3f}", f"{statistics.mean(pe):.3f}"])
+    print_table(["method", "block evaluations", "M seconds", "fidelity Spearman (mean / min over blocks)",
+                 "Pearson (mean)"], rows)
 
     cross = []
     for g, q in zip(mats["gram"], mats["pairs"], strict=True):
@@ -107,16 +109,16 @@ def main(argv: list[str] | None = None) -> int:
           f"median |gram − pairs| / median |pairs| {np.median(np.abs(gx - qx)) / np.median(np.abs(qx)):.3f}; "
           f"diagonals agree to {diag_rel:.1e} relative\n")
 
-    print(f"| budget | layers with another ratio (of {len(infos)}) | objective under pairs-M: gram's choice / "
-          "pairs' choice |")
-    print("|---|---|---|")
+    rows = []
     for budget in args.budgets:
         sols = {m: solve_ratios(mats[m], infos, candidates, bits_low, bits_high, budget) for m in METHODS}
         choice = {m: [r["candidate_index"] for r in sols[m].layers] for m in METHODS}
         differ = sum(a != b for a, b in zip(choice["gram"], choice["pairs"], strict=True))
         obj = {m: quad(mats["pairs"], choice[m], per_block, k) for m in METHODS}
-        print(f"| {budget:.2f} | {differ} | {obj['gram']:.4g} / {obj['pairs']:.4g} "
-              f"(+{100 * (obj['gram'] / obj['pairs'] - 1):.2f} %) |")
+        rows.append([f"{budget:.2f}", differ, f"{obj['gram']:.4g} / {obj['pairs']:.4g} "
+                     f"(+{100 * (obj['gram'] / obj['pairs'] - 1):.2f} %)"])
+    print_table(["budget", f"layers with another ratio (of {len(infos)})",
+                 "objective under pairs-M: gram's choice / pairs' choice"], rows)
     print()
     for m in METHODS:
         print(f"- {m}: `{res[m]['command']}`")

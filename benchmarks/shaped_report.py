@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_table  # noqa: E402  (benchmarks/ is not a package)
 
 #: profile stage -> the metrics.json stage_seconds keys it covers
 SECONDS = {"fisher": ("fisher",), "sensitivity": ("sensitivity",), "ratios+plots": ("ratios",),
@@ -34,8 +38,9 @@ def rows(profile: dict) -> dict[str, tuple[float, str]]:
             sec = sum(seconds.get(k, 0.0) for k in SECONDS[stage])
         else:
             sec = None
-        out[stage] = (s["peak_rss_gib"], f"{sec:.0f}" if sec is not None else f"({s['seconds']:.0f} sampled)")
-    out["whole run"] = (profile["peak_rss_gib"], f"{profile['wall_s']:.0f} wall")
+        out[stage] = (s["peak_rss_gib"], s.get("peak_anon_gib"),
+                      f"{sec:.0f}" if sec is not None else f"({s['seconds']:.0f} sampled)")
+    out["whole run"] = (profile["peak_rss_gib"], profile.get("peak_anon_gib"), f"{profile['wall_s']:.0f} wall")
     return out
 
 
@@ -46,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     tables = [rows(json.loads(p.read_text())) for p in args.profiles]
     names = [p.stem.removeprefix("profile-") for p in args.profiles]
     stages = list(dict.fromkeys(s for t in tables for s in t))
-    print("| stage | " + " | ".join(f"{n}: peak RSS GiB | {n}: s" for n in names) + " |")
-    print("|---|" + "---:|---:|" * len(names))
-    for stage in stages:
-        cells = [f"{t[stage][0]:.2f} | {t[stage][1]}" if stage in t else "- | -" for t in tables]
-        print(f"| {stage} | " + " | ".join(cells) + " |")
+    def cells(t: dict, stage: str) -> list[str]:
+        if stage not in t:
+            return ["-", "-", "-"]
+        rss, anon, sec = t[stage]
+        return [f"{rss:.2f}", "-" if anon is None else f"{anon:.2f}", sec]
+
+    print_table(["stage", *(f"{n}: {c}" for n in names for c in ("peak RSS GiB", "not file-backed GiB", "s"))],
+                [[stage, *(c for t in tables for c in cells(t, stage))] for stage in stages])
     return 0
 
 

@@ -501,7 +501,8 @@ def tuning_stage(job: Job, options=None) -> None:
     job.state.tuning, job.state.final_targets = saved, None
     done(job, "tuning", float(saved["seconds"]), None,
          f"tuning: reused {rt.run.tuning} (KL {saved['kl_before']:.4g} -> {saved['kl_after']:.4g})" if reused else None)
-    _install_full(job, with_tuned_scales(records, saved["scales"]))
+    if reused:  # a computed tuning left the model with these weights (tune_scales)
+        _install_full(job, with_tuned_scales(records, saved["scales"]))
 
 
 def _install_full(job: Job, records: dict[str, LayerRecord]) -> None:

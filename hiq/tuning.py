@@ -37,7 +37,16 @@ from hiq.quant.record import PARTS, LayerRecord
 class ScaledCodesLinear(nn.Module):
     """A finished hybrid layer (:meth:`hiq.quant.hybrid.HybridLinear.finish` record) whose scales are trainable:
     ``W = (codes − zero) · s₀ · exp(u)`` per part, columns back in the original order; ``u`` starts at 0, so the
-    layer starts as exactly the record's weights."""
+    layer starts as exactly the record's weights.
+
+    The layer holds the record's integer codes (shared with it, 1 byte per weight), never a float copy of its weight:
+    the weight is made from the codes at each forward. For layers of :attr:`recompute_from` weights and up, the
+    weight and the product are recomputed in the backward (``torch.utils.checkpoint``) instead of being saved, so the
+    whole model's backward holds one layer's weight at a time (at 7B width the saved weights and their
+    intermediates were 4-6 bytes per weight of the whole model). Same values either way."""
+
+    #: layers of this many weights and up recompute their weight and product in the backward (see the class doc)
+    recompute_from = 1 << 20
 
     def __init__(self, record: LayerRecord, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -46,10 +55,8 @@ class ScaledCodesLinear(nn.Module):
         self.register_buffer("order", torch.argsort(record.perm), persistent=False)
         self.log_scale = nn.ParameterDict()
         for name, _, part in record.parts():
-            base = part.codes.float()
-            if part.columns:  # a layer at ratio 0 or 1 has one empty part
-                base = base - expand_groups(part.zero.float(), group_widths(part.columns, record.group_size))
-            self.register_buffer(f"{name}_base", base.to(dtype), persistent=False)
+            self.register_buffer(f"{name}_codes", part.codes, persistent=False)
+            self.register_buffer(f"{name}_zero", part.zero.float(), persistent=False)
             self.register_buffer(f"{name}_scale", part.scale.float(), persistent=False)
             self.log_scale[name] = nn.Parameter(torch.zeros_like(part.scale, dtype=torch.float32))
 
@@ -59,14 +66,22 @@ class ScaledCodesLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         parts = []
         for part in PARTS:
-            base = getattr(self, f"{part}_base")
-            if base.shape[1]:
-                widths = group_widths(base.shape[1], self.record.group_size)
+            codes = getattr(self, f"{part}_codes")
+            if codes.shape[1]:  # a layer at ratio 0 or 1 has one empty part
+                widths = group_widths(codes.shape[1], self.record.group_size)
+                base = (codes.float() - expand_groups(getattr(self, f"{part}_zero"), widths)).to(self.dtype)
                 parts.append(base * expand_groups(self.scales(part), widths).to(base.dtype))
         return torch.cat(parts, dim=1)[:, self.order]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight().to(x.dtype))  # float32 arithmetic for bf16/fp16 on CPUs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.record.params >= self.recompute_from:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._product, x, use_reentrant=False, preserve_rng_state=False)
+        return self._product(x)
 
     @torch.no_grad()
     def tuned_scales(self) -> dict[str, torch.Tensor]:
@@ -239,7 +254,8 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
     :class:`ScaleTuning` under its own ``Trainer.fit``. ``windows``: this rank's calibration windows;
     ``final_hidden`` / ``q_hidden``: the last block's outputs for them on the full-precision and on the quantized
     path; ``opts``: :class:`hiq.recipe.ReconstructionOptions`; ``rt``: where it runs (:class:`hiq.pipeline.Runtime`).
-    Returns the tuning artifact's content (``key``, the scales per layer, KL before / after, kept or not)."""
+    Returns the tuning artifact's content (``key``, the scales per layer, KL before / after, kept or not); the
+    model's layers then hold the dequantised weights of the records with the scales it returns."""
     import time
 
     from hiq.schedules import StepProgressBar, info
@@ -254,10 +270,15 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
     model.to(device)
     modules = dict(model.named_modules())
     layers = {name: ScaledCodesLinear(record, dtype).to(device) for name, record in records.items()}
-    originals = {}
+    originals, weight_dtypes = {}, {}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         originals[name] = _swap(modules[parent], child, layer)
+        # the swapped-out weight is the record's dequantised weight (the block fit installed it); while the codes
+        # stand in for it, it is released, and the finished weights are written back below
+        weight_dtypes[name] = originals[name].weight.dtype
+        originals[name].weight.data = torch.empty(0, dtype=weight_dtypes[name])
+    scales = None
     vocab = model.get_output_embeddings().weight.shape[0]
     module = ScaleTuning(model, blocks_path, list(layers.values()), opts.tune_lr, opts.tune_steps,
                          cache_teacher=teacher_cache_fits(windows, vocab))
@@ -285,6 +306,9 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
         for name, lin in originals.items():
             parent, _, child = name.rpartition(".")
             _swap(modules[parent], child, lin)
+            record = records[name] if scales is None else records[name].with_scales(scales[name])
+            with torch.no_grad():  # the tuned weights, or the block fits' again after a failure (on the CPU, where
+                lin.weight.data = record.dequantize().to(weight_dtypes[name])  # the model goes next)
         for p in model.parameters():
             p.requires_grad_(True)
         model.to("cpu")

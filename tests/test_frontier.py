@@ -65,3 +65,13 @@ def test_frontier_draws_other_frontiers_and_autoround_rows(tmp_path, capsys, mon
     assert (out / "frontier.png").stat().st_size > 0 and "| 2.100 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected LABEL=DIR"):
         frontier.main(["--budgets", "2.1", "--out", str(out), "--compare", str(tmp_path)])
+
+
+def test_benchmark_tables_are_one_markdown_printer(capsys):
+    """benchmarks/tables.py: the header's width holds for every row, commands follow the table."""
+    tables = load_benchmark("tables")
+    tables.print_table(["budget", "ppl"], [["2.100", 61.5]], ["hiq fit --x", "hiq: `hiq fit --y`"], title="T")
+    assert capsys.readouterr().out == ("\nT\n\n| budget | ppl |\n|---|---|\n| 2.100 | 61.5 |\n\n"
+                                       "- `hiq fit --x`\n- hiq: `hiq fit --y`\n")
+    with pytest.raises(ValueError, match="table row 0 has 1 cells, the header 2"):
+        tables.markdown_table(["a", "b"], [["only"]])

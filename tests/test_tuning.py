@@ -69,6 +69,42 @@ def test_tuned_scales_move_only_the_scales(tiny):
         record.with_scales({"high": torch.ones(3, 3), "normal": record.normal.scale})
 
 
+def _saved_numels(layer, x) -> tuple[torch.Tensor, list[int]]:
+    """The layer's output and the sizes of every tensor autograd saved for its backward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    return out, sizes
+
+
+def test_wide_layers_recompute_their_weight_in_backward_same_bits(tiny):
+    """The tuning layer holds the record's integer codes, not a float weight, and (from ``recompute_from`` weights
+    up) saves no weight-sized tensor for the backward; outputs and gradients are bit-identical either way."""
+    record = _record(tiny, 0.2)
+    x = torch.randn(2, 16, record.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    results = []
+    for recompute_from in (0, 1 << 62):
+        layer = ScaledCodesLinear(record, torch.bfloat16)
+        assert layer.high_codes.data_ptr() == record.high.codes.data_ptr()  # shared, 1 byte per weight
+        assert not any(b.is_floating_point() and b.numel() >= record.params for b in layer.buffers())
+        layer.recompute_from = recompute_from
+        with torch.no_grad():
+            layer.log_scale["normal"].fill_(0.05)
+        out, saved = _saved_numels(layer, x)
+        assert (max(saved) < record.params) == (recompute_from == 0), saved
+        out.float().pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert out_a.dtype == torch.bfloat16 and torch.equal(out_a, out_b)
+    assert len(grads_a) == 2 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert all(g.abs().sum() > 0 for g in grads_a)
+
+
 def test_swapped_last_block_output_gives_the_full_precision_logits(tiny):
     """The teacher: any model whose last block's output is replaced by the full-precision one scores exactly as the
     full-precision model (the final norm and head are not quantized)."""
@@ -149,3 +185,54 @@ def test_presets_and_fingerprints():
     assert hiq.ReconstructionOptions(tune_steps=3, tune_lr=1e-2).fingerprint() == default.fingerprint()
     assert hiq.ReconstructionOptions(tune_steps=3).tuning_fingerprint() != default.tuning_fingerprint()
     assert "tune_steps" not in default.fingerprint() and "iterations" not in default.tuning_fingerprint()
+
+
+def _tuning_case(tiny):
+    """A copy of the tiny model whose last block's v_proj/down_proj hold quantized records, its windows, and the
+    full-precision and quantized last-block outputs (what the reconstruction hands the tuning)."""
+    import types
+
+    from hiq.artifacts import RunDir
+
+    model = copy.deepcopy(tiny[0])
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        final = _last_block_outputs(model, ids)
+    block, records = model.model.layers[-1], {}
+    for child in ("self_attn.v_proj", "mlp.down_proj"):
+        lin = block.get_submodule(child)
+        hybrid = HybridLinear(lin, torch.linspace(0, 1, lin.in_features), 0.2, 3, 2, None, "signround",
+                              normal_quantizer="signround")
+        records[f"model.layers.{len(model.model.layers) - 1}.{child}"] = LayerRecord.from_dict(hybrid.finish())
+    with torch.no_grad():  # what the block fit installs: the records' dequantised weights
+        for name, record in records.items():
+            model.get_submodule(name).weight.copy_(record.dequantize())
+    with torch.no_grad():
+        q_final = _last_block_outputs(model, ids)
+    rt = types.SimpleNamespace(device=torch.device("cpu"), is_global_zero=False, logger=None, world_size=1,
+                               trainer=None, run=RunDir("unused"), log=lambda metrics: None,
+                               reduce_sum=lambda t: t)
+    return model, records, ids, final, q_final, rt
+
+
+@pytest.mark.parametrize("lr", [0.01, 1e4])
+def test_tune_scales_leaves_the_model_with_the_weights_it_returns(tiny, lr):
+    """While tuning, the swapped-out weights are released (the codes stand in); afterwards every tuned layer holds
+    its record under the returned scales, and after a failure the block fits' weights again."""
+    from hiq.tuning import tune_scales
+
+    model, records, ids, final, q_final, rt = _tuning_case(tiny)
+    opts = hiq.ReconstructionOptions(tune_steps=3, tune_batch_size=2, tune_lr=lr)
+    if lr > 1:  # exp(±1e4) scales: the KL goes non-finite after the first step
+        with pytest.raises(FloatingPointError, match="end-to-end tuning"):
+            tune_scales(model, "model.layers", records, ids, final, q_final, opts, rt, "k")
+        expected = {name: r.dequantize() for name, r in records.items()}
+    else:
+        saved = tune_scales(model, "model.layers", records, ids, final, q_final, opts, rt, "k")
+        assert saved["kept"] and saved["kl_after"] < saved["kl_before"]
+        expected = {name: r.with_scales(saved["scales"][name]).dequantize() for name, r in records.items()}
+        assert not all(torch.equal(expected[n], r.dequantize()) for n, r in records.items())
+    for name, weight in expected.items():
+        lin = model.get_submodule(name)
+        assert isinstance(lin, torch.nn.Linear) and torch.equal(lin.weight, weight.to(lin.weight.dtype))
+        assert lin.weight.requires_grad
