@@ -36,7 +36,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 import hiq
 from hiq.artifacts import load_tensors
-from hiq.blockfit import SignSGD, fit_block, install_records, reconstruction_loss
+from hiq.blockfit import SignSGD, fit_block, reconstruction_loss
 from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.layouts import layout_for
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, find_blocks, load_model_and_tokenizer
@@ -199,8 +199,7 @@ def study_block(b, block, inputs, fisher, layout, model, settings, job, q, args)
         rtn_loss.append(total / tokens)
         ratios = {name: settings.candidates[m] for name, m in zip(names, choice, strict=True)}
         layers, _ = fit_block(block, job.layout, b, scores, ratios, fit_inputs, fit_targets, job.recipe.quant,
-                              job.recipe.reconstruction, job.rt, f"block {b} #{a}")
-        install_records(block, layout, layers)
+                              job.recipe.reconstruction, job.rt, f"block {b} #{a}")  # installs the records
         total, tokens = reconstruction_loss(block, test_inputs, test_targets, None)
         measured.append(total / tokens)
         block.load_state_dict(state)

@@ -31,43 +31,49 @@ class HiQPipeline(L.LightningModule):
         path: a save_pretrained directory, a hub id, or the bundled name ``tiny-llama``.
         dtype: dtype the model is loaded in (float32 on CPU; bfloat16/float16 on GPUs).
         trust_remote_code: let transformers run code shipped with a hub model (off by default).
+        offload: keep the block weights in host memory and copy each to the device when it is used, in the stages
+            that run the whole model (Fisher, tuning, evaluation; :mod:`hiq.offload`): for a model larger than the
+            GPU. ``None`` (auto): when the weights take more than half the device's memory; never on the CPU.
 
     :meth:`from_model` wraps a model already in memory (the Python API). ``layout`` says where its quantizable
     linears are (:mod:`hiq.layouts`); ``job_for`` gives the stages their shared :class:`hiq.pipeline.Job`.
     """
 
-    def __init__(self, path: str = "tiny-llama", dtype: str = "float32", trust_remote_code: bool = False):
+    def __init__(self, path: str = "tiny-llama", dtype: str = "float32", trust_remote_code: bool = False,
+                 offload: bool | None = None):
         super().__init__()
-        ModelOptions(path, dtype, trust_remote_code)  # validate before loading anything heavy
+        ModelOptions(path, dtype, trust_remote_code, offload)  # validate before loading anything heavy
         self.save_hyperparameters()
         check_host_memory(resolve_model_path(path), parse_dtype(dtype).itemsize,
                           block_on_host=not torch.cuda.is_available())
         model, tokenizer = load_model_and_tokenizer(path, dtype, trust_remote_code)
-        self._attach(model, tokenizer, path)
+        self._attach(model, tokenizer, path, offload)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, name: str | None = None) -> HiQPipeline:
+    def from_model(cls, model: torch.nn.Module, tokenizer, name: str | None = None,
+                   offload: bool | None = None) -> HiQPipeline:
         """Wrap a Hugging Face causal LM already loaded (quantized in place by the fit)."""
         self = cls.__new__(cls)
         L.LightningModule.__init__(self)
         name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.save_hyperparameters({"path": name, "dtype": dtype, "trust_remote_code": False})
+        self.save_hyperparameters({"path": name, "dtype": dtype, "trust_remote_code": False, "offload": offload})
         model.eval()
-        self._attach(model, tokenizer, name)
+        self._attach(model, tokenizer, name, offload)
         return self
 
-    def _attach(self, model, tokenizer, name: str) -> None:
+    def _attach(self, model, tokenizer, name: str, offload: bool | None = None) -> None:
         from hiq.layouts import layout_for
 
         # Parameters keep requires_grad (DDP refuses to wrap a module without one); no stage runs a backward
         # through the DDP wrapper, so nothing is synchronised behind the stages' backs.
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.layout = layout_for(model)
-        self.job = None
+        self.offload, self.job = offload, None
 
     def job_for(self, trainer: L.Trainer, recipe):
         """The run's :class:`hiq.pipeline.Job` (made by the first stage of a fit, shared by the others)."""
+        from hiq.offload import should_offload
         from hiq.pipeline import Job, Runtime
 
         if self.job is None or self.job.rt.trainer is not trainer:
@@ -76,8 +82,9 @@ class HiQPipeline(L.LightningModule):
                 raise RuntimeError("the hiq stages need a CalibrationData datamodule "
                                    "(trainer.fit(..., datamodule=...))")
             windows = dm.windows(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
-            self.job = Job(self.model, self.tokenizer, self.model_name, recipe, dm.options, windows,
-                           Runtime.from_trainer(trainer, self.device), self.layout)
+            rt = Runtime.from_trainer(trainer, self.device)
+            rt.offload = should_offload(self.offload, self.model, rt.device)
+            self.job = Job(self.model, self.tokenizer, self.model_name, recipe, dm.options, windows, rt, self.layout)
         return self.job
 
     def training_step(self, batch, batch_idx):  # pragma: no cover - the outer fit runs no batches
@@ -190,7 +197,7 @@ def as_pipeline(model, tokenizer, dtype: str) -> HiQPipeline:
     if isinstance(model, HiQPipeline):
         return model
     if isinstance(model, ModelOptions):
-        return HiQPipeline(model.path, model.dtype, model.trust_remote_code)
+        return HiQPipeline(model.path, model.dtype, model.trust_remote_code, model.offload)
     if isinstance(model, str | Path):
         return HiQPipeline(str(model), dtype)
     if isinstance(model, torch.nn.Module):

@@ -50,6 +50,7 @@ from hiq.checks import check_divisible
 from hiq.export import weights_digest
 from hiq.layouts import ModelLayout
 from hiq.model import BlockInputs, block_outputs, capture_block_inputs, float32_cpu_linears
+from hiq.offload import on_device
 from hiq.quant.grid import setting_label as setting_label_of
 from hiq.quant.hybrid import RECORD_FORMAT
 from hiq.quant.record import LayerRecord
@@ -76,6 +77,8 @@ class Runtime:
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda t: t)
     barrier: Callable[[str], None] = staticmethod(lambda name: None)
     trainer: Any = None  # the outer Lightning Trainer (its logger goes to the block fits)
+    #: the whole-model stages keep the block weights in host memory (``model.offload``, :mod:`hiq.offload`)
+    offload: bool = False
 
     @classmethod
     def from_trainer(cls, trainer, device: torch.device) -> Runtime:
@@ -297,9 +300,10 @@ def _fisher(job: Job) -> dict:
 
     rt, t0 = job.rt, time.time()
     shard = job.windows[rt.rank :: rt.world_size]
-    job.model.to(rt.device)
-    acc = FisherAccumulator(job.model, job.layout.linears_of(job.model))
+    linears = job.layout.linears_of(job.model)
+    acc = FisherAccumulator(job.model, linears)
     with tqdm(total=len(shard), desc="Fisher", unit="sample", disable=not rt.is_global_zero) as bar, \
+            on_device(job.model, rt.device, [lin for _, lin in linears] if rt.offload else ()), \
             float32_cpu_linears(job.model):
         acc.accumulate(shard, rt.device, on_sample=bar.update, batch_size=job.recipe.sensitivity.fisher_batch_size)
     if rt.world_size > 1:
@@ -442,7 +446,7 @@ def reconstruction_stage(job: Job, options=None) -> None:
 
 def _fit(job: Job, step: BlockStep, n_blocks: int) -> dict:
     """Block ``step.index``'s fit: RTN's loss, the fit, the fitted block's loss; the block file's content."""
-    from hiq.blockfit import fit_block, install_records, reconstruction_loss, reduce_loss, rtn_loss
+    from hiq.blockfit import fit_block, reconstruction_loss, reduce_loss, rtn_loss
 
     opts, q, rt, b, block = job.recipe.reconstruction, job.recipe.quant, job.rt, step.index, step.block
     t0, targets = time.time(), step.targets(rt.device)
@@ -451,7 +455,6 @@ def _fit(job: Job, step: BlockStep, n_blocks: int) -> dict:
     loss_rtn = reduce_loss(rt, rtn_loss(block, job.layout, scores, ratios, q, step.q_inputs, targets, rt.device))
     layers, steps = fit_block(block, job.layout, b, scores, ratios, step.q_inputs, targets, q, opts, rt,
                               f"Block {b + 1}/{n_blocks}")
-    install_records(block, job.layout, layers)
     step.q_outputs = []  # the final loss's forward pass gives the next block its quantized-path inputs
     loss_final = reduce_loss(rt, reconstruction_loss(block, step.q_inputs, targets, rt.device,
                                                      outputs=step.q_outputs))
@@ -585,9 +588,10 @@ def evaluation_stage(job: Job, options: EvaluationOptions) -> None:
     rt = job.rt
     if rt.is_global_zero:
         store = RunStore(rt, job.weights_key())
-        job.model.to(rt.device)
-        results = perplexities(job.model, job.tokenizer, options, store, progress=True)
-        zs = zeroshot(job.model, job.tokenizer, options, store) if options.tasks else None
+        host = [lin for _, lin in job.layout.linears_of(job.model)] if rt.offload else ()
+        with on_device(job.model, rt.device, host):
+            results = perplexities(job.model, job.tokenizer, options, store, progress=True)
+            zs = zeroshot(job.model, job.tokenizer, options, store) if options.tasks else None
         job.state.timings["evaluation"] = sum(r["seconds"] for r in results.values()) + (zs["seconds"] if zs else 0)
         metrics = build_metrics(job, results, zs)
         save_json(rt.run.metrics, metrics)

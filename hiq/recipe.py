@@ -43,11 +43,15 @@ class ModelOptions:
         path: a save_pretrained directory, a hub id, or the bundled name ``tiny-llama``.
         dtype: weights dtype while quantizing/evaluating (float32 on CPU; bfloat16/float16 on GPUs).
         trust_remote_code: let transformers run code shipped with a hub model (off by default).
+        offload: keep the block weights in host memory and copy each to the device when it is used, in the stages
+            that run the whole model (Fisher, tuning, evaluation; :mod:`hiq.offload`): for a model larger than the
+            GPU. ``None`` (auto): when the weights take more than half the device's memory; never on the CPU.
     """
 
     path: str = "tiny-llama"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    offload: bool | None = None
 
     def __post_init__(self) -> None:
         from hiq.model import parse_dtype

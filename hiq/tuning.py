@@ -43,22 +43,32 @@ class ScaledCodesLinear(nn.Module):
     the weight is made from the codes at each forward. For layers of :attr:`recompute_from` weights and up, the
     weight and the product are recomputed in the backward (``torch.utils.checkpoint``) instead of being saved, so the
     whole model's backward holds one layer's weight at a time (at 7B width the saved weights and their
-    intermediates were 4-6 bytes per weight of the whole model). Same values either way."""
+    intermediates were 4-6 bytes per weight of the whole model). Same values either way. ``codes_on_host``: the
+    codes stay in host memory however the layer is moved and are copied to the device at each use (``model.offload``,
+    :mod:`hiq.offload`): the device then holds one layer's codes at a time."""
 
     #: layers of this many weights and up recompute their weight and product in the backward (see the class doc)
     recompute_from = 1 << 20
 
-    def __init__(self, record: LayerRecord, dtype: torch.dtype = torch.float32):
+    def __init__(self, record: LayerRecord, dtype: torch.dtype = torch.float32, codes_on_host: bool = False):
         super().__init__()
         record = LayerRecord.from_dict(record)
         self.record, self.dtype = record, dtype
+        self.host_codes = {name: part.codes for name, _, part in record.parts()} if codes_on_host else None
         self.register_buffer("order", torch.argsort(record.perm), persistent=False)
         self.log_scale = nn.ParameterDict()
         for name, _, part in record.parts():
-            self.register_buffer(f"{name}_codes", part.codes, persistent=False)
+            if not codes_on_host:
+                self.register_buffer(f"{name}_codes", part.codes, persistent=False)
             self.register_buffer(f"{name}_zero", part.zero.float(), persistent=False)
             self.register_buffer(f"{name}_scale", part.scale.float(), persistent=False)
             self.log_scale[name] = nn.Parameter(torch.zeros_like(part.scale, dtype=torch.float32))
+
+    def codes(self, part: str) -> torch.Tensor:
+        """The part's codes on the layer's device (a copy from host memory with ``codes_on_host``)."""
+        if self.host_codes is None:
+            return getattr(self, f"{part}_codes")
+        return self.host_codes[part].to(self.order.device, non_blocking=True)
 
     def scales(self, part: str) -> torch.Tensor:
         return getattr(self, f"{part}_scale") * torch.exp(self.log_scale[part])
@@ -66,7 +76,7 @@ class ScaledCodesLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         parts = []
         for part in PARTS:
-            codes = getattr(self, f"{part}_codes")
+            codes = self.codes(part)
             if codes.shape[1]:  # a layer at ratio 0 or 1 has one empty part
                 widths = group_widths(codes.shape[1], self.record.group_size)
                 base = (codes.float() - expand_groups(getattr(self, f"{part}_zero"), widths)).to(self.dtype)
@@ -267,9 +277,9 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
     t0 = time.time()
     device = rt.device
     dtype = next(model.parameters()).dtype
-    model.to(device)
     modules = dict(model.named_modules())
-    layers = {name: ScaledCodesLinear(record, dtype).to(device) for name, record in records.items()}
+    layers = {name: ScaledCodesLinear(record, dtype, codes_on_host=rt.offload).to(device)
+              for name, record in records.items()}
     originals, weight_dtypes = {}, {}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
@@ -278,6 +288,7 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
         # stand in for it, it is released, and the finished weights are written back below
         weight_dtypes[name] = originals[name].weight.dtype
         originals[name].weight.data = torch.empty(0, dtype=weight_dtypes[name])
+    model.to(device)  # without the swapped-out weights: embedding, norms, head and the layers' scales (and codes)
     scales = None
     vocab = model.get_output_embeddings().weight.shape[0]
     module = ScaleTuning(model, blocks_path, list(layers.values()), opts.tune_lr, opts.tune_steps,

@@ -53,3 +53,30 @@ def test_gpu_agrees_with_cpu(both):
     assert gpu["wikitext2_ppl"] == pytest.approx(cpu["wikitext2_ppl"], rel=0.03)
     for b_cpu, b_gpu in zip(cpu["blocks"], gpu["blocks"], strict=True):
         assert b_gpu["loss_final"] == pytest.approx(b_cpu["loss_final"], rel=0.05)
+
+
+def test_offload_keeps_the_block_weights_off_the_device(tiny):
+    """``model.offload``: Fisher with the block linears' weights in host memory peaks on the device below the
+    block weights' bytes (one layer at a time crosses), and gives the scores of the model held on the device."""
+    import copy
+
+    from hiq.impact import FisherAccumulator
+    from hiq.layouts import layout_for
+    from hiq.offload import on_device
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    linears = layout_for(model).linears_of(model)
+    weights = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in linears)
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    scores, peaks = {}, {}
+    for host in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        acc = FisherAccumulator(model, linears)
+        with on_device(model, "cuda", [lin for _, lin in linears] if host else ()):
+            acc.accumulate(list(ids), "cuda", batch_size=2)
+        peaks[host], scores[host] = torch.cuda.max_memory_allocated() - base, acc.scores()
+    assert all(torch.allclose(scores[True][k], scores[False][k], rtol=1e-5, atol=0) for k in scores[True])
+    biggest = max(lin.weight.numel() * lin.weight.element_size() for _, lin in linears)
+    assert peaks[False] - peaks[True] >= weights - 2 * biggest, (peaks, weights)

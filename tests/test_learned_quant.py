@@ -258,3 +258,99 @@ def test_a_bf16_layer_is_quantized_as_its_float32_copy_would_be(layer, high, nor
     for part in ("high", "normal"):
         assert all(torch.equal(getattr(rec_h.part(part), k), getattr(rec_f.part(part), k))
                    for k in ("codes", "scale", "zero"))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_fit_block_releases_the_weights_and_leaves_records_or_its_own(tiny, tmp_path, monkeypatch, fails):
+    """While a block fits, its linears' own weights are released (the quantizers hold a copy); afterwards the block
+    holds the records' weights, or after a failed fit exactly its own weights again."""
+    import copy
+    import types
+
+    import hiq
+    from hiq.blockfit import BlockReconstruction, fit_block
+    from hiq.layouts import layout_for
+    from hiq.model import block_outputs, capture_block_inputs
+
+    model = copy.deepcopy(tiny[0])
+    layout, block = layout_for(model), model.model.layers[1]
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, ids, batch_size=2, device="cpu")
+    with torch.no_grad():
+        targets = block_outputs(block, inputs, "cpu")
+    names = [n for n, _ in layout.block_linears(block)]
+    linears = dict(layout.block_linears(block))
+    own = {n: lin.weight.detach().clone() for n, lin in linears.items()}
+    scores = {n: torch.rand(own[n].shape[1], generator=torch.Generator().manual_seed(1)) for n in names}
+    sizes = []
+    original_step = BlockReconstruction.training_step
+
+    def step(self, batch, batch_idx):
+        sizes.append([lin.weight.numel() for lin in linears.values()])
+        if fails:
+            raise FloatingPointError("stop here")
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(BlockReconstruction, "training_step", step)
+    rt = types.SimpleNamespace(device=torch.device("cpu"), is_global_zero=False, logger=None, world_size=1,
+                               trainer=None, run=types.SimpleNamespace(root=tmp_path))
+    opts = hiq.ReconstructionOptions(iterations=2, batch_size=2)
+    fit = lambda: fit_block(block, layout, 1, scores, dict.fromkeys(names, 0.2), inputs, targets,  # noqa: E731
+                            hiq.QuantOptions(bits=2, bits_high=3), opts, rt, "b")
+    if fails:
+        with pytest.raises(FloatingPointError, match="stop here"):
+            fit()
+        expected = own
+    else:
+        layers, steps = fit()
+        assert steps == 2
+        expected = {n: layers[n].dequantize() for n in names}
+    assert sizes and all(s == 0 for s in sizes[0])  # released while fitting
+    for name, lin in layout.block_linears(block):
+        assert isinstance(lin, torch.nn.Linear) and torch.equal(lin.weight, expected[name].to(lin.weight.dtype))
+
+
+def test_sign_steps_inside_the_backward_move_the_offsets_exactly_as_after_it(tiny, tmp_path, monkeypatch):
+    """SignSGD's step per parameter inside the backward (gradients dropped as they are used: one layer's at a time)
+    gives bit for bit the records of the step after the backward, under the linear learning-rate decay."""
+    import copy
+    import types
+
+    import hiq
+    from hiq.blockfit import BlockReconstruction, SignSGD, fit_block
+    from hiq.layouts import layout_for
+    from hiq.model import block_outputs, capture_block_inputs
+
+    ids = torch.randint(0, tiny[0].config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    held = []
+    original = SignSGD.step
+
+    def step(self, closure=None):
+        loss = original(self, closure)
+        held.append(sum(p.grad is not None for g in self.param_groups for p in g["params"]))
+        return loss
+
+    monkeypatch.setattr(SignSGD, "step", step)
+    results = {}
+    for inside in (True, False):
+        monkeypatch.setattr(BlockReconstruction, "step_in_backward", inside)
+        model = copy.deepcopy(tiny[0])
+        layout, block = layout_for(model), model.model.layers[2]
+        inputs = capture_block_inputs(model, ids, batch_size=2, device="cpu")
+        with torch.no_grad():
+            targets = block_outputs(block, inputs, "cpu")
+        names = [n for n, _ in layout.block_linears(block)]
+        scores = {n: torch.linspace(0, 1, lin.in_features) for n, lin in layout.block_linears(block)}
+        rt = types.SimpleNamespace(device=torch.device("cpu"), is_global_zero=False, logger=None, world_size=1,
+                                   trainer=None, run=types.SimpleNamespace(root=tmp_path))
+        opts = hiq.ReconstructionOptions.preset("signround", iterations=6, batch_size=2, lr_schedule="linear")
+        held.clear()
+        layers, _ = fit_block(block, layout, 2, scores, dict.fromkeys(names, 0.1), inputs, targets,
+                              hiq.QuantOptions(bits=2, bits_high=3), opts, rt, "b")
+        results[inside] = (layers, list(held))
+    (inside, held_inside), (after, held_after) = results[True], results[False]
+    assert held_inside == [0] * 6 and all(h > 0 for h in held_after)  # no gradient left for the optimizer's step
+    for name, record in inside.items():
+        for part in ("high", "normal"):
+            a, b = record.part(part), after[name].part(part)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)

@@ -211,17 +211,19 @@ def _tuning_case(tiny):
         q_final = _last_block_outputs(model, ids)
     rt = types.SimpleNamespace(device=torch.device("cpu"), is_global_zero=False, logger=None, world_size=1,
                                trainer=None, run=RunDir("unused"), log=lambda metrics: None,
-                               reduce_sum=lambda t: t)
+                               reduce_sum=lambda t: t, offload=False)
     return model, records, ids, final, q_final, rt
 
 
-@pytest.mark.parametrize("lr", [0.01, 1e4])
-def test_tune_scales_leaves_the_model_with_the_weights_it_returns(tiny, lr):
+@pytest.mark.parametrize(("lr", "offload"), [(0.01, False), (1e4, False), (0.01, True)])
+def test_tune_scales_leaves_the_model_with_the_weights_it_returns(tiny, lr, offload):
     """While tuning, the swapped-out weights are released (the codes stand in); afterwards every tuned layer holds
-    its record under the returned scales, and after a failure the block fits' weights again."""
+    its record under the returned scales, and after a failure the block fits' weights again. With ``offload`` (the
+    codes in host memory, copied per use) the result is the same."""
     from hiq.tuning import tune_scales
 
     model, records, ids, final, q_final, rt = _tuning_case(tiny)
+    rt.offload = offload
     opts = hiq.ReconstructionOptions(tune_steps=3, tune_batch_size=2, tune_lr=lr)
     if lr > 1:  # exp(±1e4) scales: the KL goes non-finite after the first step
         with pytest.raises(FloatingPointError, match="end-to-end tuning"):
@@ -232,6 +234,12 @@ def test_tune_scales_leaves_the_model_with_the_weights_it_returns(tiny, lr):
         assert saved["kept"] and saved["kl_after"] < saved["kl_before"]
         expected = {name: r.with_scales(saved["scales"][name]).dequantize() for name, r in records.items()}
         assert not all(torch.equal(expected[n], r.dequantize()) for n, r in records.items())
+        if offload:  # the same fit as with the codes held by the layers
+            plain_model, *_, plain_rt = _tuning_case(tiny)
+            plain = tune_scales(plain_model, "model.layers", records, ids, final, q_final, opts, plain_rt, "k")
+            assert plain["kl_after"] == saved["kl_after"]
+            assert all(torch.equal(plain["scales"][n][p], saved["scales"][n][p])
+                       for n in records for p in plain["scales"][n])
     for name, weight in expected.items():
         lin = model.get_submodule(name)
         assert isinstance(lin, torch.nn.Linear) and torch.equal(lin.weight, weight.to(lin.weight.dtype))

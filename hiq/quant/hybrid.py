@@ -69,6 +69,11 @@ class HybridLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = weight.dtype
 
+    def source_weight(self) -> torch.Tensor:
+        """The full-precision weight this layer was made from (its dtype, original column order), from the
+        quantizers' permuted copies."""
+        return torch.cat([self.high.weight, self.normal.weight], dim=1)[:, self.inverse].to(self.out_dtype)
+
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight in original column order (float32)."""
         if self.n_high == 0:  # perm is the identity: no concatenation or gather per step
