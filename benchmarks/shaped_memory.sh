@@ -6,9 +6,10 @@
 #     bash benchmarks/shaped_memory.sh 4          # the 4-block slice
 #     HIQ_SRC=/tmp/hiq-base bash benchmarks/shaped_memory.sh 2 base   # another checkout's hiq (e.g. before a fix)
 #
-# Calibration: 4 windows x 128 tokens, 2 steps per block, 2 tuning steps, evaluation on 4 windows of 128 tokens;
-# CANDIDATES="[0,0.05,0.2]" measures M on 3 candidate ratios instead of the config's 10 (a third of its time).
+# The fit's options: benchmarks/shaped_args.sh (CANDIDATES="[0,0.05,0.2]": M on 3 candidate ratios instead of 10);
+# EXTRA="--model.offload=true": more options for it.
 set -euo pipefail
+source "$(dirname "$0")/shaped_args.sh"
 BLOCKS=${1:-2}
 TAG=${2:-after}
 PY=${PY:-.venv/bin/python}
@@ -17,13 +18,8 @@ SLICE=$OUT/llama-2-7b-${BLOCKS}blk
 RUN=$OUT/fit-${BLOCKS}blk-$TAG
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -f "$SLICE/config.json" ] || "$PY" scripts/make_shaped_checkpoint.py llama-2-7b --blocks "$BLOCKS" --out "$SLICE"
-# -P: no current folder on sys.path, so PYTHONPATH=$HIQ_SRC (when given) decides which hiq runs
 if [ -n "${HIQ_SRC:-}" ]; then export PYTHONPATH=$HIQ_SRC HIQ_DATA_DIR=$PWD/data; fi
 rm -rf "$RUN"
-"$PY" benchmarks/memory_profile.py --every 1 --out "$OUT/profile-${BLOCKS}blk-$TAG.json" -- \
-    "$PY" -P -m hiq fit --config configs/tiny/w2.yaml --model.path="$SLICE" --model.dtype=bfloat16 \
-    --trainer.default_root_dir="$RUN" --trainer.logger=false --data.nsamples=4 --data.seqlen=128 \
-    --ratios.candidates="${CANDIDATES:-[0,0.02,0.05,0.10,0.15,0.20,0.30,0.50,0.75,1.00]}" \
-    --sensitivity.nsamples=4 --reconstruction.iterations=2 --reconstruction.batch_size=4 \
-    --reconstruction.tune_steps=2 --reconstruction.tune_batch_size=4 \
-    --evaluation.seqlen=128 --evaluation.max_windows=4 --evaluation.batch_size=4 --plots.enabled=false
+# shellcheck disable=SC2086  # EXTRA: more options, split on spaces
+shaped_fit_command "$SLICE" "$RUN" ${EXTRA:-}
+"$PY" benchmarks/memory_profile.py --every 1 --out "$OUT/profile-${BLOCKS}blk-$TAG.json" -- "${FIT[@]}"

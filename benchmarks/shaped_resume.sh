@@ -6,6 +6,7 @@
 #     CANDIDATES="[0,0.05,0.2]" bash benchmarks/shaped_memory.sh 2 after      # the uninterrupted reference
 #     CANDIDATES="[0,0.05,0.2]" bash benchmarks/shaped_resume.sh 2 after      # kill in block 2, resume, compare
 set -euo pipefail
+source "$(dirname "$0")/shaped_args.sh"
 BLOCKS=${1:-2}
 REF_TAG=${2:-after}
 KILL_AT=${KILL_AT:-2}
@@ -18,14 +19,8 @@ LOG=$OUT/resume-${BLOCKS}blk.log
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -f "$REF/metrics.json" ] || { echo "shaped_resume: no reference run $REF (run benchmarks/shaped_memory.sh first)" >&2; exit 2; }
 if [ -n "${HIQ_SRC:-}" ]; then export PYTHONPATH=$HIQ_SRC HIQ_DATA_DIR=$PWD/data; fi
-fit() {
-    "$PY" -P -m hiq fit --config configs/tiny/w2.yaml --model.path="$SLICE" --model.dtype=bfloat16 \
-        --trainer.default_root_dir="$RUN" --trainer.logger=false --data.nsamples=4 --data.seqlen=128 \
-        --ratios.candidates="${CANDIDATES:-[0,0.02,0.05,0.10,0.15,0.20,0.30,0.50,0.75,1.00]}" \
-        --sensitivity.nsamples=4 --reconstruction.iterations=2 --reconstruction.batch_size=4 \
-        --reconstruction.tune_steps=2 --reconstruction.tune_batch_size=4 \
-        --evaluation.seqlen=128 --evaluation.max_windows=4 --evaluation.batch_size=4 --plots.enabled=false
-}
+shaped_fit_command "$SLICE" "$RUN"
+fit() { "${FIT[@]}"; }
 rm -rf "$RUN"
 fit > "$LOG.1" 2>&1 &
 PID=$!
