@@ -146,6 +146,9 @@ def validate_fit_config(cfg) -> dict:
     evaluation = sections["evaluation"]
     check_evaluation(evaluation)
     world_size = check_trainer(_section_dict(cfg.trainer))
+    if cfg.model.get("offload") and world_size > 1:
+        raise ValueError(f"model.offload=true runs on one process; this run has {world_size} (trainer.devices x "
+                         f"num_nodes): use --trainer.devices=1")
     resolved = check_model_dir(cfg.model.path)
     data = CalibrationData(**{k: v for k, v in _section_dict(cfg.data).items() if k != "tokenizer_path"},
                            tokenizer_path=cfg.model.path)

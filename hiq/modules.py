@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hiq.checks import check_calibration_text, check_host_memory
 from hiq.data import calibration_windows, load_text, tokenize_text
 from hiq.model import load_model_and_tokenizer, parse_dtype, resolve_model_path
+from hiq.offload import should_offload
 from hiq.recipe import CalibrationOptions, ModelOptions
 
 
@@ -67,13 +68,20 @@ class HiQPipeline(L.LightningModule):
 
         # Parameters keep requires_grad (DDP refuses to wrap a module without one); no stage runs a backward
         # through the DDP wrapper, so nothing is synchronised behind the stages' backs.
-        self.model, self.tokenizer, self.model_name = model, tokenizer, name
-        self.layout = layout_for(model)
         self.offload, self.job = offload, None
+        #: the model is not a submodule when its weights stay in host memory (``model.offload``): the Trainer moves
+        #: its module to the device when the fit starts, which for a model larger than the GPU would be the end
+        self.model_on_host = bool(offload) or (offload is None and torch.cuda.is_available()
+                                               and should_offload(None, model, "cuda"))
+        if self.model_on_host:
+            object.__setattr__(self, "model", model)
+        else:
+            self.model = model
+        self.tokenizer, self.model_name = tokenizer, name
+        self.layout = layout_for(model)
 
     def job_for(self, trainer: L.Trainer, recipe):
         """The run's :class:`hiq.pipeline.Job` (made by the first stage of a fit, shared by the others)."""
-        from hiq.offload import should_offload
         from hiq.pipeline import Job, Runtime
 
         if self.job is None or self.job.rt.trainer is not trainer:

@@ -46,6 +46,7 @@ class ModelOptions:
         offload: keep the block weights in host memory and copy each to the device when it is used, in the stages
             that run the whole model (Fisher, tuning, evaluation; :mod:`hiq.offload`): for a model larger than the
             GPU. ``None`` (auto): when the weights take more than half the device's memory; never on the CPU.
+            ``hiq fit`` only (``hiq eval`` scores on the CPU and ignores it).
     """
 
     path: str = "tiny-llama"

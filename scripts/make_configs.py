@@ -75,6 +75,8 @@ model:
   path: {path}          # a save_pretrained dir, a hub id, or tiny-llama (bundled)
   dtype: {dtype}             # weights dtype while quantizing: {dtype_note}
   trust_remote_code: false     # let transformers run code shipped with a hub model
+  offload: null                # block weights in host memory during Fisher/tuning/evaluation (null: auto, when
+                               # they take over half the GPU's memory); docs/large-models.md
 quant:
   bits: {bl}                       # b_N: bits of the normal columns
   bits_high: {bh}                  # b_H: bits of the high-impact columns (paper: b_N + 1)

@@ -102,3 +102,24 @@ def _flatten(tree, prefix=""):
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
     return {prefix: tree}
+
+
+def test_an_offloaded_model_is_not_moved_by_the_trainer(tiny):
+    """With offload the model is held outside the module tree: the outer Trainer's move of its module to the
+    device (at fit start) leaves the weights in host memory; the stages place them."""
+    from hiq.modules import HiQPipeline
+
+    model, tokenizer = tiny
+    hosted = HiQPipeline.from_model(model, tokenizer, offload=True)
+    assert hosted.model is model and hosted.model_on_host and not list(hosted.parameters())
+    plain = HiQPipeline.from_model(model, tokenizer)
+    assert not plain.model_on_host and plain.model is model and list(plain.parameters())
+
+
+def test_offload_with_several_processes_is_refused_before_any_stage(tmp_path):
+    import hiq
+
+    with pytest.raises(ValueError, match="model.offload .* runs on one process; this run has 2"):
+        hiq.quantize(hiq.ModelOptions("tiny-llama", offload=True), run_dir=tmp_path / "run",
+                     trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    assert not (tmp_path / "run").exists()
