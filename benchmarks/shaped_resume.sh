@@ -24,12 +24,16 @@ fit() { "${FIT[@]}"; }
 rm -rf "$RUN"
 fit > "$LOG.1" 2>&1 &
 PID=$!
-until grep -q "Block $KILL_AT/" "$LOG.1" 2>/dev/null; do
+# block KILL_AT's fit has started once the files of the blocks before it exist (the log cannot tell: tqdm's bars
+# end in a carriage return, and stderr reaches the file only at the next newline)
+until [ "$(ls "$RUN"/blocks/block_*.safetensors 2>/dev/null | wc -l)" -ge $((KILL_AT - 1)) ] && \
+        grep -q "Reconstruction" "$LOG.1" 2>/dev/null; do
     kill -0 "$PID" 2>/dev/null || { echo "shaped_resume: the fit ended before block $KILL_AT" >&2; exit 1; }
     sleep 1
 done
+sleep "${KILL_AFTER:-20}"  # into block KILL_AT's fit (its RTN loss and a few steps: ~60 s per block here)
 kill -9 "$PID"; wait "$PID" 2>/dev/null || true
-echo "killed in block $KILL_AT's fit; left: $(ls "$RUN" | tr '\n' ' ')" >&2
+echo "killed in block $KILL_AT's fit; left: $(ls "$RUN" | tr '\n' ' '); blocks/: $(ls "$RUN/blocks" | tr '\n' ' ')" >&2
 T0=$(date +%s)
 fit > "$LOG.2" 2>&1
 echo "resumed run: $(( $(date +%s) - T0 )) s; reused: $(grep -o 'reused[^\[]*' "$LOG.2" | head -5 | tr '\n' ';')" >&2
