@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from hiq.checks import (
-    UserError,
     check_model_dir,
+    check_offload_processes,
     check_trainer,
     check_windows,
     check_writable,
@@ -129,10 +129,7 @@ def quantize(
     if isinstance(model, str | Path | ModelOptions):
         check_model_dir(model.path if isinstance(model, ModelOptions) else str(model))
     pipeline = as_pipeline(model, tokenizer, dtype)
-    if pipeline.model_on_host and world_size > 1:
-        raise UserError(f"model.offload (the weights in host memory) runs on one process; this run has {world_size} "
-                        f"(trainer.devices x num_nodes): use --trainer.devices=1, or --model.offload=false where "
-                        f"the model fits each device")
+    check_offload_processes(pipeline.model_on_host, world_size)  # auto included: known once the model is loaded
     data = as_calibration(calibration, pipeline.model_name)
     check_windows(recipe, data.options.nsamples, world_size)
     data.windows(pipeline.tokenizer, getattr(pipeline.model.config, "max_position_embeddings", None))

@@ -142,6 +142,14 @@ def check_trainer(trainer: dict) -> int:
     return world_size_of(trainer)
 
 
+def check_offload_processes(offload: bool, world_size: int) -> None:
+    """``model.offload`` (the weights in host memory, :mod:`hiq.offload`) runs on one process."""
+    if offload and world_size > 1:
+        raise UserError(f"model.offload (the weights in host memory) runs on one process; this run has {world_size} "
+                        f"(trainer.devices x num_nodes): use --trainer.devices=1, or --model.offload=false where "
+                        f"the model fits each device")
+
+
 def check_divisible(name: str, batch_size: int, world_size: int) -> None:
     """A batch (``name``, over all processes) splits evenly over the ``world_size`` processes."""
     if batch_size % world_size:

@@ -136,7 +136,7 @@ def validate_fit_config(cfg) -> dict:
     the run folder (one run per folder) and the calibration text (tokenised here; the windows are returned and
     reused). Raises ``ValueError`` naming the value and the fix."""
     import hiq.recipe as R
-    from hiq.checks import check_model_dir, check_trainer, claim_run_folder, model_context
+    from hiq.checks import check_model_dir, check_offload_processes, check_trainer, claim_run_folder, model_context
     from hiq.checks import check_windows as _check_windows
     from hiq.modules import CalibrationData
     from hiq.perplexity import check_evaluation
@@ -146,9 +146,7 @@ def validate_fit_config(cfg) -> dict:
     evaluation = sections["evaluation"]
     check_evaluation(evaluation)
     world_size = check_trainer(_section_dict(cfg.trainer))
-    if cfg.model.get("offload") and world_size > 1:
-        raise ValueError(f"model.offload=true runs on one process; this run has {world_size} (trainer.devices x "
-                         f"num_nodes): use --trainer.devices=1")
+    check_offload_processes(bool(cfg.model.get("offload")), world_size)  # before the model loads
     resolved = check_model_dir(cfg.model.path)
     data = CalibrationData(**{k: v for k, v in _section_dict(cfg.data).items() if k != "tokenizer_path"},
                            tokenizer_path=cfg.model.path)

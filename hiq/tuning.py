@@ -280,14 +280,13 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
     modules = dict(model.named_modules())
     layers = {name: ScaledCodesLinear(record, dtype, codes_on_host=rt.offload).to(device)
               for name, record in records.items()}
-    originals, weight_dtypes = {}, {}
+    originals = {}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         originals[name] = _swap(modules[parent], child, layer)
         # the swapped-out weight is the record's dequantised weight (the block fit installed it); while the codes
-        # stand in for it, it is released, and the finished weights are written back below
-        weight_dtypes[name] = originals[name].weight.dtype
-        originals[name].weight.data = torch.empty(0, dtype=weight_dtypes[name])
+        # stand in for it, it is released (an empty tensor of its dtype), and the finished weights written back below
+        originals[name].weight.data = torch.empty(0, dtype=originals[name].weight.dtype)
     model.to(device)  # without the swapped-out weights: embedding, norms, head and the layers' scales (and codes)
     scales = None
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -319,7 +318,7 @@ def tune_scales(model: nn.Module, blocks_path: str, records: dict[str, LayerReco
             _swap(modules[parent], child, lin)
             record = records[name] if scales is None else records[name].with_scales(scales[name])
             with torch.no_grad():  # the tuned weights, or the block fits' again after a failure (on the CPU, where
-                lin.weight.data = record.dequantize().to(weight_dtypes[name])  # the model goes next)
+                lin.weight.data = record.dequantize().to(device="cpu", dtype=lin.weight.dtype)  # model goes next)
         for p in model.parameters():
             p.requires_grad_(True)
         model.to("cpu")
