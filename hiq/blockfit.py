@@ -110,6 +110,48 @@ def install_records(block: torch.nn.Module, layout, layers: dict[str, LayerRecor
         lin.weight.data = weight.to(device=lin.weight.device, dtype=lin.weight.dtype)
 
 
+def trimmed_squared_error(out: torch.Tensor, target: torch.Tensor, trim: float = 0.0) -> torch.Tensor:
+    """The squared error summed over the hidden dimension and averaged over tokens, leaving out the largest ``trim``
+    share of its elements (``reconstruction.loss_trim``: a few outlier activations' errors would otherwise decide
+    every step; AutoRound's ``enable_alg_ext`` leaves out 0.1 %). ``trim=0``: the plain loss."""
+    err = (out - target).square()
+    tokens = err.numel() // err.shape[-1]
+    k = int(trim * err.numel())
+    if k == 0:
+        return err.sum(-1).mean()
+    return (err.sum() - err.reshape(-1).topk(k, sorted=False).values.sum()) / tokens
+
+
+@torch.no_grad()
+def input_moments(block, layout, inputs: BlockInputs, device) -> dict[str, torch.Tensor]:
+    """Each of the block's linears' mean squared input per input channel (float32), from one forward pass of the
+    full-precision block over ``inputs`` (the quantized path's); under ``torch.distributed`` the sums are added
+    over ranks, so every rank starts its fit from the same clipping (``reconstruction.clip_init=search``)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        sums[name] = sums[name] + x.square().sum(0) if name in sums else x.square().sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    handles = [lin.register_forward_pre_hook(functools.partial(hook, name))
+               for name, lin in layout.block_linears(block)]
+    try:
+        for i, hidden in enumerate(inputs.hidden):
+            run_block(block, hidden, inputs.kwargs_for(i), device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if _distributed():
+        for name in sums:
+            total = torch.tensor([float(counts[name])], device=sums[name].device)
+            torch.distributed.all_reduce(sums[name])
+            torch.distributed.all_reduce(total)
+            counts[name] = int(total.item())
+    return {name: sums[name] / counts[name] for name in sums}
+
+
 def block_summary(b: int, result: dict) -> dict:
     """Losses, time, code bits, storage bits and parameter count of a finished block."""
     records = [LayerRecord.from_dict(r) for r in result["layers"].values()]
@@ -174,10 +216,13 @@ def _fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockI
     if kwargs is None:
         raise ValueError("calibration windows give different block arguments (lengths or masks differ); "
                          "block reconstruction needs windows of one length")
+    moments = input_moments(block, layout, inputs, device) if opts.clip_init == "search" else None
     hybrids, originals = [], {}
     for name, lin in layout.block_linears(block):
         hybrid = HybridLinear(lin, scores[name], ratios[name], q.bits_high, q.bits, q.group_size,
                               opts.high_quantizer, opts.lwc_init, opts.normal_quantizer).to(device)
+        if moments is not None:
+            hybrid.init_clip(moments.pop(name))
         originals[name] = _swap(block, name, hybrid)
         hybrids.append((name, hybrid))
         lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
@@ -186,7 +231,8 @@ def _fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockI
         module = BlockReconstruction(
             block, [h for _, h in hybrids], to_device(kwargs, device), b, opts.lr_round, opts.weight_decay_round,
             opts.lr_lwc, opts.round_weight, lr_signround=opts.lr_signround or 1.0 / opts.iterations,
-            lr_schedule=opts.lr_schedule, keep_best=opts.keep_best, iterations=opts.iterations)
+            lr_schedule=opts.lr_schedule, keep_best=opts.keep_best, iterations=opts.iterations,
+            loss_trim=opts.loss_trim)
         loader = torch.utils.data.DataLoader(
             PairDataset(inputs.hidden, targets), batch_size=opts.batch_size // rt.world_size, shuffle=True,
             drop_last=True, generator=torch.Generator().manual_seed(opts.seed + b))
@@ -255,8 +301,9 @@ class BlockReconstruction(L.LightningModule):
     def __init__(self, block: torch.nn.Module, hybrids: list, block_kwargs: dict, block_index: int,
                  lr_round: float = 1e-3, weight_decay_round: float = 1e-5, lr_lwc: float = 1e-2,
                  round_weight: float = 0.01, lr_signround: float = 5e-3, lr_schedule: str = "constant",
-                 keep_best: bool = False, iterations: int = 1):
+                 keep_best: bool = False, iterations: int = 1, loss_trim: float = 0.0):
         super().__init__()
+        self.loss_trim = loss_trim
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         self.lr_signround, self.lr_schedule, self.keep_best, self.iterations = (lr_signround, lr_schedule,
@@ -349,7 +396,7 @@ class BlockReconstruction(L.LightningModule):
     def training_step(self, batch, batch_idx):
         hidden, target = batch
         out = self(hidden).float()
-        rec = (out - target.float()).pow(2).sum(-1).mean()
+        rec = trimmed_squared_error(out, target.float(), self.loss_trim)
         loss = rec
         reg = torch.zeros((), device=rec.device)
         if self.regularize and self.round_weight > 0:

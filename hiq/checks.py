@@ -191,10 +191,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs."""
+    """``key: old -> new`` for every dotted key whose value differs; a recipe field added since ``old`` was written
+    (:data:`hiq.recipe.LATER_FIELDS`) and set to the value that behaves as before is no difference."""
+    from hiq.recipe import as_before
+
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+            if a.get(k, "(unset)") != b.get(k, "(unset)") and not (k not in a and as_before(k, b[k]))]
 
 
 def prepare_run_folder(root: str | Path, manifest: dict, overwrite: bool = False, write: bool = True) -> str:

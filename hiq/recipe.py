@@ -25,6 +25,24 @@ from hiq.quant.grid import SUPPORTED_BITS, QuantSpec, setting_label
 
 QUANTIZERS = ("adaround", "lwc", "signround")
 LR_SCHEDULES = ("constant", "linear")
+CLIP_INITS = ("minmax", "search")
+
+#: Recipe fields added after runs were made with this version of the folder layout, each with the value that does
+#: what those runs did: at that value a field is left out of the block keys, and a ``run.json`` written before the
+#: field existed still matches, so a run resumes across the upgrade (:func:`hiq.checks.manifest_differences`).
+LATER_FIELDS = {"reconstruction": {"clip_init": "minmax", "loss_trim": 0.0}}
+
+
+def _as_before(section: str, name: str, value) -> bool:
+    later = LATER_FIELDS.get(section, {})
+    return name in later and later[name] == value
+
+
+def as_before(dotted: str, value) -> bool:
+    """Whether the recipe key ``dotted`` (``reconstruction.loss_trim``, or with a leading ``recipe.``) is a
+    :data:`LATER_FIELDS` field at the value that behaves as before it existed."""
+    parts = dotted.removeprefix("recipe.").split(".")
+    return len(parts) == 2 and _as_before(parts[0], parts[1], value)
 RATIO_MODES = ("optimal", "uniform", "fixed")
 
 
@@ -199,6 +217,11 @@ class ReconstructionOptions:
         lwc_init: initial clipping logits (OmniQuant: 4.0, σ(4) = 0.982).
         lr_signround: SignRound's step size; null = 1 / iterations (AutoRound's default).
         lr_schedule: ``linear`` (default: every learning rate decays linearly to 0) or ``constant`` (the paper).
+        clip_init: where SignRound's clipping starts: ``minmax`` (the full range) or ``search`` (per row and group,
+            the clipping factor in 1.0 .. 0.5 whose round-to-nearest grid has the least error weighted by the
+            layer's mean squared input per channel, from one forward pass of the block; SignRound parts only).
+        loss_trim: share of the largest squared output errors left out of each step's reconstruction loss (0 = none;
+            AutoRound's ``enable_alg_ext`` leaves out 0.001); the best step of ``keep_best`` is judged on it too.
         keep_best: restore the parameters of the step with the lowest reconstruction loss at the end of each
             block's fit (AutoRound does; it ignores AdaRound's regulariser).
         gradient_clip_val: gradient norm clipping of the block fit (null = off); not applied to SignRound's signed
@@ -229,6 +252,8 @@ class ReconstructionOptions:
     lwc_init: float = 4.0
     lr_signround: float | None = None
     lr_schedule: str = "linear"
+    clip_init: str = "minmax"
+    loss_trim: float = 0.0
     keep_best: bool = True
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 25
@@ -257,6 +282,15 @@ class ReconstructionOptions:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"reconstruction.lr_schedule={self.lr_schedule!r}; choose one of "
                              f"{', '.join(LR_SCHEDULES)}")
+        if self.clip_init not in CLIP_INITS:
+            raise ValueError(f"reconstruction.clip_init={self.clip_init!r}; choose one of {', '.join(CLIP_INITS)}")
+        if self.clip_init == "search" and self.high_quantizer != "signround":
+            raise ValueError(f"reconstruction.clip_init='search' starts SignRound's clipping; with high_quantizer="
+                             f"{self.high_quantizer!r} and normal_quantizer={self.normal_quantizer!r} use "
+                             f"clip_init='minmax' (LWC has lwc_init, AdaRound keeps min-max)")
+        if not 0.0 <= self.loss_trim < 0.5:
+            raise ValueError(f"reconstruction.loss_trim={self.loss_trim} must be in [0, 0.5): the share of the "
+                             f"largest squared errors left out of the loss (AutoRound's extension: 0.001)")
         _positive("reconstruction.lr_signround", self.lr_signround, allow_none=True)
         _positive("reconstruction.lr_round", self.lr_round)
         _positive("reconstruction.lr_lwc", self.lr_lwc)
@@ -281,7 +315,8 @@ class ReconstructionOptions:
         """The fields that change a block's fit (logging cadence, the on/off switch and the end-to-end tuning after
         the last block do not: changing only ``tune_*`` keeps every block and reruns the tuning)."""
         return {k: v for k, v in asdict(self).items()
-                if k not in ("log_every_n_steps", "enabled") and not k.startswith("tune_")}
+                if k not in ("log_every_n_steps", "enabled") and not k.startswith("tune_")
+                and not _as_before("reconstruction", k, v)}
 
     def tuning_fingerprint(self) -> dict:
         """The fields of the end-to-end scale tuning (with the sample-order seed)."""
@@ -492,10 +527,10 @@ class PlotOptions:
 
 
 RECONSTRUCTION_PRESETS = {
-    "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant", "keep_best": False,
-              "tune_steps": 0},
+    "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant",
+              "clip_init": "minmax", "loss_trim": 0.0, "keep_best": False, "tune_steps": 0},
     "signround": {"high_quantizer": "signround", "normal_quantizer": "signround", "lr_schedule": "linear",
-                  "keep_best": True, "tune_steps": 64, "tune_lr": 1e-2},
+                  "clip_init": "minmax", "loss_trim": 0.0, "keep_best": True, "tune_steps": 64, "tune_lr": 1e-2},
 }
 
 #: The sections of a :class:`Recipe` (what is quantized, how): section -> dataclass.

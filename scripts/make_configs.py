@@ -127,6 +127,8 @@ reconstruction:
   lwc_init: 4.0                # initial clipping logits (OmniQuant: 4.0)
   lr_signround: null           # SignRound's step size; null = 1 / iterations (AutoRound's default)
   lr_schedule: {lr_schedule:<16}# constant (the paper) | linear (decay to 0)
+  clip_init: {clip_init:<18}# SignRound's clipping starts at minmax | search (input-weighted best RTN grid)
+  loss_trim: {loss_trim:<18}# share of the largest squared errors left out of the loss (AutoRound ext: 0.001)
   keep_best: {keep_best:<18}# restore the lowest-loss step's parameters at the end of each block
   gradient_clip_val: 1.0       # gradient norm clipping of each block fit
   log_every_n_steps: 25

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -187,6 +188,22 @@ def test_run_folder_holds_one_run(tmp_path):
     legacy = tmp_path / "legacy"
     (legacy / "blocks").mkdir(parents=True)
     assert prepare_run_folder(legacy, a) == "adopted"
+
+
+def test_a_run_from_before_a_later_field_resumes_at_its_old_behaviour(tmp_path):
+    """run.json written before reconstruction.clip_init / loss_trim existed: the same recipe at their old behaviour
+    resumes; turning one on is another run."""
+    import hiq
+
+    run = tmp_path / "run"
+    before = {k: v for k, v in asdict(hiq.ReconstructionOptions()).items() if k not in ("clip_init", "loss_trim")}
+    old = {"model": "tiny-llama", "recipe": {"reconstruction": before}, "calibration": {"nsamples": 4}}
+    assert prepare_run_folder(run, old) == "new"
+    now = {**old, "recipe": {"reconstruction": asdict(hiq.ReconstructionOptions())}}
+    assert prepare_run_folder(run, now, write=False) == "resume"
+    on = {**old, "recipe": {"reconstruction": asdict(hiq.ReconstructionOptions(loss_trim=0.001))}}
+    with pytest.raises(UserError, match=r"recipe.reconstruction.loss_trim: '\(unset\)' -> 0.001"):
+        prepare_run_folder(run, on)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -354,3 +354,136 @@ def test_sign_steps_inside_the_backward_move_the_offsets_exactly_as_after_it(tin
         for part in ("high", "normal"):
             a, b = record.part(part), after[name].part(part)
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_weighted_clip_search_picks_the_least_weighted_error_factor(layer, group_size):
+    """Per row and group the chosen factor's round-to-nearest error (weighted by the column importances) is the least
+    of every factor tried: at most min-max's, and below it where a clipped grid fits better."""
+    from hiq.quant.grid import (
+        CLIP_FACTORS,
+        expand_groups,
+        fake_quant_part,
+        group_range,
+        group_sums,
+        scale_zero,
+        weighted_clip_search,
+    )
+
+    w = layer.weight.detach().float()[:, :300]
+    widths = group_widths(300, group_size)
+    lo, hi = group_range(w, widths)
+    imp = torch.rand(300, generator=torch.Generator().manual_seed(0))
+    best = weighted_clip_search(w, widths, lo, hi, 3, imp)
+
+    def err(factor):
+        scale, zero = scale_zero(lo * factor, hi * factor, 3)
+        s, z = expand_groups(scale, widths), expand_groups(zero, widths)
+        q = ((w / s).round() + z).clamp(0, 3).sub(z).mul(s)
+        return group_sums((q - w).square() * imp, widths)
+
+    chosen = err(best)
+    for factor in CLIP_FACTORS:
+        assert (chosen <= err(torch.full_like(best, factor)) + 1e-6).all()
+    tried = torch.tensor(CLIP_FACTORS, dtype=torch.float32)
+    assert torch.isin(best, tried).all() and (best < 1).any()  # W2 clips somewhere
+    torch.testing.assert_close(group_sums((fake_quant_part(w, 2, group_size) - w).square() * imp, widths),
+                               err(torch.ones_like(best)))  # factor 1 is min-max: what SignRound starts from
+
+
+def test_clip_search_follows_the_importance_of_an_outlier_column():
+    """An outlying weight whose column sees no input costs nothing: the grid is clipped to fit the other columns
+    (0.6 of the range); the more that column's input weighs, the more of the range is kept (0.925 at 1e4)."""
+    from hiq.quant.grid import group_range, weighted_clip_search
+
+    w = torch.linspace(-1, 1, 64).repeat(3, 1)
+    w[:, 0] = 1.6
+    lo, hi = group_range(w, [64])
+    chosen = []
+    for weight in (0.0, 1.0, 1e4):
+        imp = torch.ones(64)
+        imp[0] = weight
+        chosen.append(float(weighted_clip_search(w, [64], lo, hi, 3, imp)[0]))
+    assert chosen == pytest.approx([0.6, 0.675, 0.925])
+
+
+def test_signround_init_clip_starts_from_the_searched_grid(layer):
+    from hiq.quant.grid import group_range, weighted_clip_search
+    from hiq.quant.learned import SignRoundQuantizer
+
+    w = layer.weight.detach().float()
+    imp = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(0))
+    sr = SignRoundQuantizer(w, 2, None)
+    sr.init_clip(imp)
+    best = weighted_clip_search(w, [w.shape[1]], *group_range(w, [w.shape[1]]), 3, imp)
+    assert torch.equal(sr.min_scale, best) and torch.equal(sr.max_scale, best)
+    rec = sr.finish()  # offsets 0: round-to-nearest on the clipped grid, still exactly its forward
+    from hiq.quant.grid import dequantize_part
+
+    torch.testing.assert_close(dequantize_part(rec["codes"], rec["scale"], rec["zero"], None), sr(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="383 column importances for a part with 384 columns"):
+        sr.init_clip(imp[:383])
+
+
+def test_hybrid_init_clip_permutes_the_importances_and_refuses_other_quantizers(layer):
+    from hiq.quant.grid import group_range, weighted_clip_search
+
+    scores = torch.rand(384, generator=torch.Generator().manual_seed(3))
+    imp = torch.rand(384, generator=torch.Generator().manual_seed(4))
+    h = HybridLinear(layer, scores, 0.2, 3, 2, None, "signround", normal_quantizer="signround")
+    h.init_clip(imp)
+    normal_w, normal_imp = h.normal.weight, imp[h.perm][h.n_high:]
+    expected = weighted_clip_search(normal_w, h.normal.widths, *group_range(normal_w, h.normal.widths), 3, normal_imp)
+    assert torch.equal(h.normal.min_scale, expected)
+    paper = HybridLinear(layer, scores, 0.2, 3, 2, None, "adaround", normal_quantizer="lwc")
+    with pytest.raises(ValueError, match="clip_init=search needs SignRound parts"):
+        paper.init_clip(imp)
+
+
+def test_input_moments_are_each_linears_mean_squared_input(tiny):
+    """The block's q_proj sees the normalised hidden states: its moments are their mean square per channel."""
+    import copy
+
+    from hiq.blockfit import input_moments
+    from hiq.layouts import layout_for
+    from hiq.model import capture_block_inputs
+
+    model = copy.deepcopy(tiny[0])
+    layout, block = layout_for(model), model.model.layers[2]
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, ids, batch_size=2, device="cpu")
+    moments = input_moments(block, layout, inputs, "cpu")
+    assert set(moments) == {n for n, _ in layout.block_linears(block)}
+    with torch.no_grad():
+        normed = torch.cat([block.input_layernorm(h) for h in inputs.hidden]).reshape(-1, 128).float()
+    torch.testing.assert_close(moments["self_attn.q_proj"], normed.square().mean(0))
+    assert moments["mlp.down_proj"].shape == (384,) and (moments["mlp.down_proj"] > 0).all()
+
+
+def test_clip_init_is_checked_and_keeps_the_old_keys_at_minmax():
+    import hiq
+
+    with pytest.raises(ValueError, match=r"clip_init='mse'; choose one of minmax, search"):
+        hiq.ReconstructionOptions(clip_init="mse")
+    with pytest.raises(ValueError, match="use clip_init='minmax'"):
+        hiq.ReconstructionOptions.preset("paper", clip_init="search")
+    assert "clip_init" not in hiq.ReconstructionOptions().fingerprint()  # runs made before the option resume
+    assert hiq.ReconstructionOptions(clip_init="search").fingerprint()["clip_init"] == "search"
+
+
+def test_trimmed_loss_leaves_out_the_largest_errors_and_is_the_plain_loss_at_zero():
+    from hiq.blockfit import trimmed_squared_error
+
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 50, 10, generator=g), torch.randn(2, 50, 10, generator=g)
+    assert torch.equal(trimmed_squared_error(out, target), (out - target).pow(2).sum(-1).mean())
+    err = (out - target).square().reshape(-1)
+    kept = err.sort().values[: 1000 - 10]  # 1 % of 1,000 errors left out: the ten largest
+    torch.testing.assert_close(trimmed_squared_error(out, target, 0.01), kept.sum() / 100)
+    out[0, 0, 0] += 1e6  # one exploding activation moves the plain loss, not the trimmed one
+    assert trimmed_squared_error(out, target, 0.01) < 10 < trimmed_squared_error(out, target)
+    import hiq
+
+    with pytest.raises(ValueError, match=r"loss_trim=0.5 must be in \[0, 0.5\)"):
+        hiq.ReconstructionOptions(loss_trim=0.5)
+    assert "loss_trim" not in hiq.ReconstructionOptions().fingerprint()

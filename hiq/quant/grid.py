@@ -256,6 +256,45 @@ def group_range(weight: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, 
     return lo, hi
 
 
+#: Clipping factors :func:`weighted_clip_search` tries: 1.0 (min-max) down to 0.5 of the range in steps of 0.025.
+CLIP_FACTORS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
+
+
+def group_sums(values: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """``(out, n_columns)`` -> ``(out, n_groups)``: the sum over each group's columns (:func:`group_widths`)."""
+    if len(widths) == 1:
+        return values.sum(dim=1, keepdim=True)
+    if len(set(widths)) == 1:
+        return values.reshape(values.shape[0], len(widths), widths[0]).sum(dim=2)
+    return torch.stack([c.sum(dim=1) for c in values.split(widths, dim=1)], dim=1)
+
+
+@torch.no_grad()
+def weighted_clip_search(weight: torch.Tensor, widths: list[int], lo: torch.Tensor, hi: torch.Tensor, qmax: int,
+                         importance: torch.Tensor, factors: tuple[float, ...] = CLIP_FACTORS) -> torch.Tensor:
+    """Per row and group, the factor ``c`` of ``factors`` whose round-to-nearest grid of the clipped range
+    ``[c·lo, c·hi]`` (:func:`scale_zero`) has the least weighted squared error ``Σ_j importance_j (w_j − q(w_j))²``
+    over the group's columns; ``importance``: one non-negative value per column (the layer's mean squared input
+    per channel, so the error is the output error's expectation for inputs with a diagonal second moment).
+    Returns ``(out, n_groups)`` float32; ties keep the larger factor (min-max first). Memory: two float32 copies of
+    the weight; time: ``len(factors)`` elementwise passes over it."""
+    w = weight.float()
+    imp = importance.float().to(w.device).reshape(1, -1)
+    best = torch.ones_like(lo, dtype=torch.float32)
+    best_err = torch.full_like(best, float("inf"))
+    q = torch.empty_like(w)
+    for c in factors:
+        scale, zero = scale_zero(lo * c, hi * c, qmax)
+        s, z = expand_groups(scale, widths), expand_groups(zero, widths)
+        torch.div(w, s, out=q)
+        q.round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(w).square_().mul_(imp)
+        err = group_sums(q, widths)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, c), best)
+    return best
+
+
 def dequantize_part(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     group_size: int | None) -> torch.Tensor:
     """Float32 weights from codes ``(out, n)`` and per-group ``scale``/``zero`` ``(out, n_groups)``; the last group

@@ -69,6 +69,19 @@ class HybridLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = weight.dtype
 
+    @torch.no_grad()
+    def init_clip(self, importance: torch.Tensor) -> None:
+        """Each SignRound part's clipping starts at its input-weighted best round-to-nearest grid
+        (:meth:`hiq.quant.learned.SignRoundQuantizer.init_clip`); ``importance``: the layer's mean squared input per
+        input column, in original order."""
+        if importance.numel() != self.in_features:
+            raise ValueError(f"{importance.numel()} column importances for a layer with {self.in_features} inputs")
+        imp = importance.to(self.perm.device)[self.perm]
+        for part, cols in ((self.high, imp[: self.n_high]), (self.normal, imp[self.n_high :])):
+            if not hasattr(part, "init_clip"):
+                raise ValueError(f"reconstruction.clip_init=search needs SignRound parts, not {type(part).__name__}")
+            part.init_clip(cols)
+
     def source_weight(self) -> torch.Tensor:
         """The full-precision weight this layer was made from (its dtype, original column order), from the
         quantizers' permuted copies."""

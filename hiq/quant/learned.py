@@ -33,6 +33,7 @@ from hiq.quant.grid import (
     group_range,
     group_widths,
     scale_zero,
+    weighted_clip_search,
 )
 
 ZETA = 1.1
@@ -213,6 +214,20 @@ class SignRoundQuantizer(_PartQuantizer):
         s, z = self._expand(scale), self._expand(zero)
         codes = (round_ste(self.weight / s + self.offset) + z).clamp(0, self.qmax)
         return (codes - z) * s
+
+    @torch.no_grad()
+    def init_clip(self, importance: torch.Tensor) -> None:
+        """Start the clipping multipliers (both ends alike) at the factor of each row and group whose
+        round-to-nearest grid has the least input-weighted squared error
+        (:func:`hiq.quant.grid.weighted_clip_search`; ``importance``: this part's columns' mean squared inputs)
+        instead of min-max. The learned rounding then starts from that grid."""
+        if self.n_columns == 0:
+            return
+        if importance.numel() != self.n_columns:
+            raise ValueError(f"{importance.numel()} column importances for a part with {self.n_columns} columns")
+        best = weighted_clip_search(self.weight, self.widths, self.lo, self.hi, self.qmax, importance)
+        self.min_scale.copy_(best)
+        self.max_scale.copy_(best)
 
     @torch.no_grad()
     def project(self) -> None:
