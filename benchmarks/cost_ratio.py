@@ -12,7 +12,8 @@ Both quantize the bundled model at W2 per-channel on the same 128 x 512 calibrat
   the end-to-end scale tuning (the config's ``reconstruction.tune_steps``; the table also gives the ratio without
   that stage's own seconds);
 - AutoRound (its venv, ``benchmarks/peer_tools/quantize.py --method autoround --amp off --iters N``): fp32,
-  its default 8 windows per step.
+  its default 8 windows per step; ``--autoround-recipes plain scheme-ext`` also times its W2 advice as the quality
+  tables run it (AutoScheme at 2.10 bits over W2/W3, ``sym=True``, ``enable_alg_ext=True``, seed 42).
 
 Each side is one fresh process; the wall time counts everything from the start of the process to its exit (imports,
 model load, quantization, writing the result). Run it with nothing else on the machine: the ratio is only
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--peers-python", default=str(ROOT / ".venv-peers-autoround" / "bin" / "python"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--force", action="store_true", help="time even while other python processes run")
+    ap.add_argument("--autoround-recipes", nargs="+", choices=sorted(AUTOROUND_RECIPES), default=["plain"],
+                    help="AutoRound runs to time after hiq's, one after the other")
     ap.add_argument("--hiq-tokenizes", action="store_true",
                     help="hiq tokenises the calibration text and draws the windows itself (the same windows)")
     args = ap.parse_args()
@@ -78,33 +81,51 @@ def main() -> None:
                f"--trainer.default_root_dir={work / 'hiq'}", f"--reconstruction.iterations={args.iters}",
                *([] if args.hiq_tokenizes else [f"--data.dataset={calibration}"]),
                "--export.enabled=false", "--evaluation.enabled=false", "--plots.enabled=false"]
-    ar_cmd = [args.peers_python, str(QUANTIZE), "--method", "autoround", "--bits", "2", "--group-size", "none",
-              "--calibration", str(calibration), "--model", model_path, "--out", str(work / "autoround"),
-              "--amp", "off", "--iters", str(args.iters)]
     hiq_s = timed(hiq_cmd, work / "hiq.log")
-    ar_s = timed(ar_cmd, work / "autoround.log")
+    peers = {}
+    for recipe in args.autoround_recipes:
+        out = work / f"autoround-{recipe}"
+        cmd = [args.peers_python, str(QUANTIZE), "--bits", "2", "--group-size", "none", "--calibration",
+               str(calibration), "--model", model_path, "--out", str(out), "--amp", "off", "--iters", str(args.iters),
+               *AUTOROUND_RECIPES[recipe][1]]
+        seconds = timed(cmd, work / f"autoround-{recipe}.log")
+        peers[recipe] = (seconds, json.loads((out / "peer.json").read_text()))
     ratios = work / "hiq" / "ratios.json"
     stages = json.loads(ratios.read_text()) if ratios.is_file() else {}
     parts = stage_seconds(work / "hiq")
     startup = hiq_s - sum(parts.values())
-    peer = json.loads((work / "autoround" / "peer.json").read_text())
     batch = cfg["reconstruction"].get("batch_size")
-    lines = [f"Cost at equal steps per block: `python benchmarks/cost_ratio.py --iters {args.iters}` "
-             f"(bundled model, W2 per-channel, {info['count']} x {info['length']} windows, one process each, "
+    recipes = " ".join(args.autoround_recipes)
+    lines = [f"Cost at equal steps per block: `python benchmarks/cost_ratio.py --iters {args.iters}"
+             + ("" if args.autoround_recipes == ["plain"] else f" --autoround-recipes {recipes}")
+             + f"` (bundled model, W2 per-channel, {info['count']} x {info['length']} windows, one process each, "
              "one after the other, nothing else running)", "",
-             "| side | steps per block | windows per step | wall s (process start to exit) |", "|---|---|---|---|",
-             f"| hiq fit (Fisher + M + ratios + reconstruction + tuning) | {args.iters} | {batch} | {hiq_s:.1f} |",
-             f"| AutoRound {peer.get('version', '')} fp32 (load + tune + save) | {args.iters} | 8 | {ar_s:.1f} |",
-             "", f"hiq / AutoRound = **{hiq_s / ar_s:.2f}x** (target <= 1.5x)"
-             + (f"; without the end-to-end tuning's {parts['tuning']:.1f} s: "
-                f"**{(hiq_s - parts['tuning']) / ar_s:.2f}x**" if "tuning" in parts else "")
-             + "; AutoRound's own quantize time "
-             f"(load to dequantised weights) {peer['seconds']:.1f} s; hiq's ratios: avg "
-             f"{stages.get('achieved_avg_bits', float('nan')):.4f} bits.", "",
-             "hiq's stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
-             + f"; the rest (imports, model load, {'tokenising, ' if args.hiq_tokenizes else ''}block inputs, "
-             f"writing) {startup:.1f}."]
+             "| side | steps per block | windows per step | wall s (process start to exit) | hiq / this |",
+             "|---|---|---|---|---|",
+             f"| hiq fit (Fisher + M + ratios + reconstruction + tuning) | {args.iters} | {batch} | {hiq_s:.1f} | |"]
+    for recipe, (seconds, peer) in peers.items():
+        lines.append(f"| AutoRound {peer.get('version', '')} {AUTOROUND_RECIPES[recipe][0]} | {args.iters} | 8 | "
+                     f"{seconds:.1f} | **{hiq_s / seconds:.2f}x** |")
+    lines += ["", "hiq / AutoRound per row above (target <= 1.0x)"
+              + (f"; without the end-to-end tuning's {parts['tuning']:.1f} s: "
+                 + ", ".join(f"{(hiq_s - parts['tuning']) / s:.2f}x" for s, _ in peers.values())
+                 if "tuning" in parts else "")
+              + "; AutoRound's own quantize time (load to dequantised weights): "
+              + ", ".join(f"{p['seconds']:.1f} s" for _, p in peers.values())
+              + f"; hiq's ratios: avg {stages.get('achieved_avg_bits', float('nan')):.4f} bits.", "",
+              "hiq's stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+              + f"; the rest (imports, model load, {'tokenising, ' if args.hiq_tokenizes else ''}block inputs, "
+              f"writing) {startup:.1f}."]
     emit(lines, args.out)
+
+
+#: the AutoRound runs this script can time: name -> (label, quantize.py options)
+AUTOROUND_RECIPES = {
+    "plain": ("fp32 (load + tune + save)", ["--method", "autoround"]),
+    "scheme-ext": ("AutoScheme 2.10 + sym + enable_alg_ext, fp32, seed 42 (its W2 advice; load + scheme + tune + save)",
+                   ["--method", "autoround-scheme", "--sym", "--alg-ext", "--seed", "42", "--avg-bits", "2.1",
+                    "--scheme-bits", "2", "3"]),
+}
 
 
 def stage_seconds(run: Path) -> dict[str, float]:

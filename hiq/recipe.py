@@ -222,8 +222,12 @@ class ReconstructionOptions:
             layer's mean squared input per channel, from one forward pass of the block; SignRound parts only).
         loss_trim: share of the largest squared output errors left out of each step's reconstruction loss (0 = none;
             AutoRound's ``enable_alg_ext`` leaves out 0.001); the best step of ``keep_best`` is judged on it too.
-        keep_best: restore the parameters of the step with the lowest reconstruction loss at the end of each
-            block's fit (AutoRound does; it ignores AdaRound's regulariser).
+        keep_best: restore the parameters of the step with the lowest reconstruction loss (of its batch) at the end
+            of each block's fit, as AutoRound does (it ignores AdaRound's regulariser). Off by default: with the
+            learning rate decaying to 0 the last step's rounding reconstructs every block better, and the lowest
+            batch loss mostly picks an easy batch; at W2 that measured clearly better, at W3 the perplexities
+            were a little worse, so the W3 configs turn it on (three seeds each:
+            benchmarks/results/levers_w2_tiny.md).
         gradient_clip_val: gradient norm clipping of the block fit (null = off); not applied to SignRound's signed
             steps, whose update sees only each gradient's sign, which clipping never changes.
         log_every_n_steps: logging interval of the block fits.
@@ -254,7 +258,7 @@ class ReconstructionOptions:
     lr_schedule: str = "linear"
     clip_init: str = "minmax"
     loss_trim: float = 0.0
-    keep_best: bool = True
+    keep_best: bool = False
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 25
     seed: int = 0
@@ -306,7 +310,7 @@ class ReconstructionOptions:
     def preset(cls, name: str, **overrides) -> ReconstructionOptions:
         """``paper`` (AdaRound on the high-impact columns, LWC on the rest, Adam at constant lr, last iterate) or
         ``signround`` (learned rounding + clipping of every weight on both parts, signed-gradient steps at
-        1/iterations decaying linearly to 0, best iterate kept); ``overrides`` set any other field."""
+        1/iterations decaying linearly to 0, the last step's rounding kept); ``overrides`` set any other field."""
         if name not in RECONSTRUCTION_PRESETS:
             raise ValueError(f"reconstruction preset {name!r}; choose one of {', '.join(RECONSTRUCTION_PRESETS)}")
         return cls(**{**RECONSTRUCTION_PRESETS[name], **overrides})
@@ -530,7 +534,7 @@ RECONSTRUCTION_PRESETS = {
     "paper": {"high_quantizer": "adaround", "normal_quantizer": "lwc", "lr_schedule": "constant",
               "clip_init": "minmax", "loss_trim": 0.0, "keep_best": False, "tune_steps": 0},
     "signround": {"high_quantizer": "signround", "normal_quantizer": "signround", "lr_schedule": "linear",
-                  "clip_init": "minmax", "loss_trim": 0.0, "keep_best": True, "tune_steps": 64, "tune_lr": 1e-2},
+                  "clip_init": "minmax", "loss_trim": 0.0, "keep_best": False, "tune_steps": 64, "tune_lr": 1e-2},
 }
 
 #: The sections of a :class:`Recipe` (what is quantized, how): section -> dataclass.

@@ -129,7 +129,7 @@ reconstruction:
   lr_schedule: {lr_schedule:<16}# constant (the paper) | linear (decay to 0)
   clip_init: {clip_init:<18}# SignRound's clipping starts at minmax | search (input-weighted best RTN grid)
   loss_trim: {loss_trim:<18}# share of the largest squared errors left out of the loss (AutoRound ext: 0.001)
-  keep_best: {keep_best:<18}# restore the lowest-loss step's parameters at the end of each block
+  keep_best: {keep_best:<18}# restore the lowest-batch-loss step's parameters (AutoRound's; off: the last step's)
   gradient_clip_val: 1.0       # gradient norm clipping of each block fit
   log_every_n_steps: 25
   seed: 0                      # sample order
@@ -169,6 +169,9 @@ def render(model: str, name: str) -> str:
     bl, bh, gs, paper, budget = SETTINGS[name]
     m = MODELS[model]
     preset = {k: str(v).lower() for k, v in RECONSTRUCTION_PRESETS[PRESET].items()}
+    # the last step's rounding at W2, the lowest batch loss's at W3: what measured better at each on the bundled model
+    # (three seeds each, benchmarks/results/levers_w2_tiny.md)
+    preset["keep_best"] = "true" if bl >= 3 else "false"
     if model == "tiny" and name == "w2":
         budget = 2.10
         budget_note = f"paper Table avg bits {paper}; 2.10 is the README's results and `make demo`"
