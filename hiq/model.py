@@ -100,8 +100,32 @@ def load_model_and_tokenizer(
             f"directories and cached hub ids load; bundled: {', '.join(BUNDLED_MODELS)}"
         ) from err
     model.eval()
+    own_weights(model)
     record_execution_order(model)
     return model, tokenizer
+
+
+@torch.no_grad()
+def own_weights(model: nn.Module) -> int:
+    """Copy every parameter and buffer that lives in memory the process does not own (pages of a memory-mapped
+    safetensors shard, as a checkpoint loaded in its own dtype is) into ordinary memory, one tensor at a time;
+    returns the bytes copied.
+
+    Without it a 7B-shaped run held the model twice by its end: each fitted block's weights are new memory while
+    the shard pages of the weights they replaced stay mapped (a shard's mapping is released only when every tensor
+    of it is), 0.27 GiB of RSS per 4096-wide block (issue 26). After the copy the model is counted once, as memory
+    the process owns; the transient is one tensor (the shard pages already read are clean and dropped with the
+    mapping). Tensors that own their memory (a checkpoint converted to another dtype at load) are left alone.
+    """
+    copied = 0
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for t in table.values():
+                if t is None or t.untyped_storage().resizable():
+                    continue
+                t.data = t.data.clone()
+                copied += t.numel() * t.element_size()
+    return copied
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -96,3 +96,21 @@ def test_low_precision_cpu_linears_compute_in_float32_and_are_restored():
         assert "forward" in lin.__dict__ and "forward" not in model[1].__dict__
         torch.testing.assert_close(model[0](x.detach()), out.detach(), rtol=0, atol=0)
     assert "forward" not in lin.__dict__
+
+
+def test_own_weights_releases_mapped_shards(tmp_path, tiny):
+    """A checkpoint loaded in its own dtype comes back with weights the process owns (not views of the mapped
+    safetensors file, which kept the replaced weights' pages resident on the 7B-shaped slice), values unchanged."""
+    import torch
+
+    from hiq.model import load_model_and_tokenizer, own_weights
+
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model_and_tokenizer(str(tmp_path), dtype="float32")
+    for name, t in [*loaded.named_parameters(), *loaded.named_buffers()]:
+        assert t.untyped_storage().resizable(), name
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert own_weights(loaded) == 0  # nothing left to copy
