@@ -13,8 +13,10 @@ module name; :func:`write_checkpoint` writes one format of :data:`hiq.recipe.EXP
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from hiq.artifacts import ArtifactError, RunDir, load_tensors, staged_directory, write_manifest
@@ -113,16 +115,33 @@ def write_checkpoint(fmt: str, model: nn.Module, records: dict[str, LayerRecord]
 
 def write_dequantized(model: nn.Module, tokenizer, target: str | Path, dtype, info: dict) -> None:
     """``save_pretrained`` of the model as it is in memory (its dequantised weights), in ``dtype``, with ``hiq.json``
-    carrying ``info``; the model is back in its own dtype afterwards."""
-    original = next(model.parameters()).dtype
+    carrying ``info``. The model itself is not touched: each tensor is cast on its own (one that already has
+    ``dtype`` is written as it is), so the weights the run evaluates next are still exactly the packed checkpoint's
+    (casting the model to float16 and back rounded every float32 weight to float16: metrics.json then scored the
+    model/ copy, up to 1e-5 off packed/)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    cast: dict[tuple, torch.Tensor] = {}  # a tied weight stays one tensor, so save_pretrained still sees the tie
+
+    def as_dtype(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.dtype == dtype:
+            return t.detach()
+        ident = (t.data_ptr(), tuple(t.shape))
+        if ident not in cast:
+            cast[ident] = t.detach().to(dtype)
+        return cast[ident]
+
+    state = {k: as_dtype(v) for k, v in model.state_dict().items()}
+    own_dtype = model.config.dtype
     with staged_directory(Path(target)) as tmp:
-        model.to(dtype)
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state)
         finally:
-            model.to(original)
+            model.config.dtype = own_dtype  # save_pretrained writes the model's own dtype into the config
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {**info, "dtype": str(dtype).removeprefix("torch."), "note": DEQUANTIZED_NOTE})
+        write_manifest(tmp, {**info, "dtype": dtype_name, "note": DEQUANTIZED_NOTE})
 
 
 def dir_megabytes(path: str | Path) -> float:

@@ -239,3 +239,24 @@ def test_compressed_tensors_refuses_mixed_layers(tiny_copy, tmp_path):
     with pytest.raises(ValueError, match="high-impact columns"):
         save_compressed_tensors(model, records, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_dequantized_export_leaves_the_model_in_memory_as_it_was(tiny_copy, tmp_path):
+    """model/ is written in float16 from a float32 model without casting the model: the weights the run evaluates
+    next stay bit for bit those of packed/ (casting to float16 and back rounded them; metrics.json then scored
+    model/, 5e-6 to 1e-5 relative off packed/ in a CI run)."""
+    from hiq.export import write_dequantized
+
+    model, tokenizer = tiny_copy
+    with torch.no_grad():  # float32 values that float16 cannot hold, as the tuned scales' products are
+        for p in model.parameters():
+            p.add_(torch.rand_like(p) * 1e-4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write_dequantized(model, tokenizer, tmp_path / "model", torch.float16, {"key": "k"})
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "float16"
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert written.dtype == torch.float16 and written.config.tie_word_embeddings == model.config.tie_word_embeddings
+    for k, v in written.state_dict().items():
+        assert torch.equal(v, before[k].to(torch.float16)), k
