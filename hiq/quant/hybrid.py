@@ -97,16 +97,42 @@ class HybridLinear(nn.Module):
     #: intermediates (``torch.utils.checkpoint``): at 7B width they were ~20 bytes per weight of the whole block held
     #: from forward to backward; recomputed, the backward holds one layer's at a time. Same bits either way.
     recompute_from = 1 << 20
+    #: weights recomputed together in the backward: the weight is made in chunks of whole rows of about this many
+    #: weights, each recomputed on its own, so the backward's intermediates (~36 bytes per weight: 1.5 GiB for one
+    #: 11008 x 4096 layer of a 7B model, issue 26) exist for one chunk at a time. Rows are independent (every
+    #: quantizer is row-local), so the chunks are bit for bit the rows of the whole weight.
+    recompute_rows_of = 1 << 21
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         return self.quantized_weight().to(dtype)
 
+    def _rows_as(self, dtype: torch.dtype, names: tuple[list[str], list[str]], *tensors: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight in ``dtype`` from the same rows of each part's :meth:`row_tensors` (``names``: their
+        keys, high part first, then the normal part's; ``tensors``: their values in that order)."""
+        n = len(names[0])
+        high = self.high.forward_rows(dict(zip(names[0], tensors[:n], strict=True)))
+        normal = self.normal.forward_rows(dict(zip(names[1], tensors[n:], strict=True)))
+        weight = normal if self.n_high == 0 else torch.cat([high, normal], dim=1)[:, self.inverse]
+        return weight.to(dtype)
+
+    def _recomputed_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, each chunk of rows recomputed in the backward (:attr:`recompute_rows_of`). The
+        parameters are split outside the checkpoints, so their gradients are joined once (not one full-size
+        tensor per chunk)."""
+        from torch.utils.checkpoint import checkpoint
+
+        rows = max(1, self.recompute_rows_of // max(self.in_features, 1))
+        tables = (self.high.row_tensors(), self.normal.row_tensors())
+        names = (list(tables[0]), list(tables[1]))
+        splits = [t.split(rows) for table in tables for t in table.values()]
+        chunks = [checkpoint(self._rows_as, dtype, names, *(split[i] for split in splits), use_reentrant=False,
+                             preserve_rng_state=False) for i in range(len(splits[0]))]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and self.in_features * self.out_features >= self.recompute_from:
-            from torch.utils.checkpoint import checkpoint
-
-            weight = checkpoint(self._weight_as, x.dtype, use_reentrant=False, preserve_rng_state=False)
+            weight = self._recomputed_weight(x.dtype)
         else:
             weight = self._weight_as(x.dtype)
         return linear(x, weight, bias)  # float32 arithmetic for bf16/fp16 on CPUs (hiq.model.linear)

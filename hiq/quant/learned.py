@@ -87,6 +87,25 @@ class _PartQuantizer(nn.Module):
     def n_columns(self) -> int:
         return self.weight.shape[1]
 
+    #: names of the tensors (parameters and buffers, each with one entry per output row on dim 0) from which
+    #: :meth:`forward_rows` computes the fake-quantized weight
+    ROW_TENSORS: tuple[str, ...] = ("weight",)
+
+    def row_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of :attr:`ROW_TENSORS` by name: every row of the fake-quantized weight depends on that row of
+        each of them only."""
+        return {name: getattr(self, name) for name in self.ROW_TENSORS}
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight, float32 ``(out_features, n_columns)``."""
+        return self.forward_rows(self.row_tensors())
+
+    def forward_rows(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fake-quantized weight of the rows that ``t`` (:meth:`row_tensors`, or the same rows of each) holds;
+        row-local, so the rows computed in chunks are bit for bit the rows of the whole (what
+        :class:`hiq.quant.hybrid.HybridLinear` recomputes in its backward)."""
+        raise NotImplementedError
+
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         return expand_groups(t, self.widths)
 
@@ -101,17 +120,20 @@ class LWCQuantizer(_PartQuantizer):
         self.upper = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
         self.lower = nn.Parameter(torch.full((weight.shape[0], n_groups), float(init)))
 
-    def _params(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        hi = torch.sigmoid(self.upper) * self.hi
-        lo = torch.sigmoid(self.lower) * self.lo
+    ROW_TENSORS = ("weight", "lo", "hi", "upper", "lower")
+
+    def _params(self, ste: bool, t: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = t or self.row_tensors()
+        hi = torch.sigmoid(t["upper"]) * t["hi"]
+        lo = torch.sigmoid(t["lower"]) * t["lo"]
         return scale_zero(lo, hi, self.qmax, round_ste if ste else torch.round)
 
-    def forward(self) -> torch.Tensor:
+    def forward_rows(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight.float()
-        scale, zero = self._params(ste=True)
+            return t["weight"].float()
+        scale, zero = self._params(True, t)
         s, z = self._expand(scale), self._expand(zero)
-        codes = (round_ste(self.weight / s) + z).clamp(0, self.qmax)
+        codes = (round_ste(t["weight"] / s) + z).clamp(0, self.qmax)
         return (codes - z) * s
 
     @torch.no_grad()
@@ -147,17 +169,20 @@ class AdaRoundQuantizer(_PartQuantizer):
             v = self.weight.float()
         self.v = nn.Parameter(v)
 
-    def rounding(self) -> torch.Tensor:
-        """h(V) in [0, 1] (soft), or exactly 0/1 once ``hard`` is set."""
-        if self.hard:
-            return (self.v >= 0).float()
-        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    ROW_TENSORS = ("weight", "scale", "zero", "v")
 
-    def forward(self) -> torch.Tensor:
+    def rounding(self, v: torch.Tensor | None = None) -> torch.Tensor:
+        """h(V) in [0, 1] (soft), or exactly 0/1 once ``hard`` is set (``v``: these rows of ``V``; all by default)."""
+        v = self.v if v is None else v
+        if self.hard:
+            return (v >= 0).float()
+        return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def forward_rows(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight.float()
-        s, z = self._expand(self.scale), self._expand(self.zero)
-        codes = (torch.floor(self.weight / s) + self.rounding() + z).clamp(0, self.qmax)
+            return t["weight"].float()
+        s, z = self._expand(t["scale"]), self._expand(t["zero"])
+        codes = (torch.floor(t["weight"] / s) + self.rounding(t["v"]) + z).clamp(0, self.qmax)
         return (codes - z) * s
 
     def regularizer(self, beta: float) -> torch.Tensor:
@@ -203,16 +228,19 @@ class SignRoundQuantizer(_PartQuantizer):
         self.min_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
         self.max_scale = nn.Parameter(torch.ones(weight.shape[0], n_groups))
 
-    def _params(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return scale_zero(self.lo * self.min_scale, self.hi * self.max_scale, self.qmax,
+    ROW_TENSORS = ("weight", "lo", "hi", "offset", "min_scale", "max_scale")
+
+    def _params(self, ste: bool, t: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = t or self.row_tensors()
+        return scale_zero(t["lo"] * t["min_scale"], t["hi"] * t["max_scale"], self.qmax,
                           round_ste if ste else torch.round)
 
-    def forward(self) -> torch.Tensor:
+    def forward_rows(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.n_columns == 0:
-            return self.weight.float()
-        scale, zero = self._params(ste=True)
+            return t["weight"].float()
+        scale, zero = self._params(True, t)
         s, z = self._expand(scale), self._expand(zero)
-        codes = (round_ste(self.weight / s + self.offset) + z).clamp(0, self.qmax)
+        codes = (round_ste(t["weight"] / s + t["offset"]) + z).clamp(0, self.qmax)
         return (codes - z) * s
 
     @torch.no_grad()
