@@ -203,10 +203,14 @@ def fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockIn
     and every finished block's working set stayed in memory (issue 26: +3 GiB per 7B-wide block)."""
     import gc
 
+    from hiq.model import release_free_memory
+
+    release_free_memory()  # the fit starts on what the stage before it freed
     try:
         return _fit_block(block, layout, b, scores, ratios, inputs, targets, quant, opts, rt, description)
     finally:
         gc.collect()
+        release_free_memory()
 
 
 def _fit_block(block, layout, b: int, scores: dict, ratios: dict, inputs: BlockInputs, targets: list[torch.Tensor],

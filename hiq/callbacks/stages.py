@@ -25,6 +25,7 @@ from __future__ import annotations
 import lightning as L
 
 import hiq.pipeline as P
+from hiq.model import release_free_memory
 from hiq.recipe import EvaluationOptions, ExportOptions, PlotOptions, Recipe
 
 
@@ -52,8 +53,11 @@ class StageCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.enabled():
             job = pl_module.job_for(trainer, self.recipe)
-            with P.device_memory_of(job, self.stage):
-                self.spec.run(job, self.options)
+            try:
+                with P.device_memory_of(job, self.stage):
+                    self.spec.run(job, self.options)
+            finally:
+                release_free_memory()  # the freed heap of this stage is not held through the next
 
 
 class FisherCallback(StageCallback):
