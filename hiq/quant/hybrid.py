@@ -98,9 +98,11 @@ class HybridLinear(nn.Module):
     #: from forward to backward; recomputed, the backward holds one layer's at a time. Same bits either way.
     recompute_from = 1 << 20
     #: weights recomputed together in the backward: the weight is made in chunks of whole rows of about this many
-    #: weights, each recomputed on its own, so the backward's intermediates (~36 bytes per weight: 1.5 GiB for one
-    #: 11008 x 4096 layer of a 7B model, issue 26) exist for one chunk at a time. Rows are independent (every
-    #: quantizer is row-local), so the chunks are bit for bit the rows of the whole weight.
+    #: weights, each recomputed on its own, so the backward's intermediates (31 bytes per weight of the layer when
+    #: recomputed whole, 1.3 GiB for one 11008 x 4096 layer of a 7B model; 8.8 chunked, and 2.2x faster:
+    #: benchmarks/layer_backward_memory.py, issue 26) exist for one chunk at a time. Rows are independent (every
+    #: quantizer is row-local), so the chunks are bit for bit the rows of the whole weight (gradients too, but for
+    #: AdaRound's sigmoid: 1 ulp where a chunk edge moves the vector loop's tail).
     recompute_rows_of = 1 << 21
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
