@@ -89,9 +89,13 @@ class HybridLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight in original column order (float32)."""
+        return self._join(self.high() if self.n_high else None, self.normal())
+
+    def _join(self, high: torch.Tensor | None, normal: torch.Tensor) -> torch.Tensor:
+        """The two parts' (rows of) weights in original column order."""
         if self.n_high == 0:  # perm is the identity: no concatenation or gather per step
-            return self.normal()
-        return torch.cat([self.high(), self.normal()], dim=1)[:, self.inverse]
+            return normal
+        return torch.cat([high, normal], dim=1)[:, self.inverse]
 
     #: weights from which the fake-quantized weight is recomputed in the backward pass instead of keeping its
     #: intermediates (``torch.utils.checkpoint``): at 7B width they were ~20 bytes per weight of the whole block held
@@ -112,10 +116,9 @@ class HybridLinear(nn.Module):
         """Rows of the weight in ``dtype`` from the same rows of each part's :meth:`row_tensors` (``names``: their
         keys, high part first, then the normal part's; ``tensors``: their values in that order)."""
         n = len(names[0])
-        high = self.high.forward_rows(dict(zip(names[0], tensors[:n], strict=True)))
+        high = self.high.forward_rows(dict(zip(names[0], tensors[:n], strict=True))) if self.n_high else None
         normal = self.normal.forward_rows(dict(zip(names[1], tensors[n:], strict=True)))
-        weight = normal if self.n_high == 0 else torch.cat([high, normal], dim=1)[:, self.inverse]
-        return weight.to(dtype)
+        return self._join(high, normal).to(dtype)
 
     def _recomputed_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype``, each chunk of rows recomputed in the backward (:attr:`recompute_rows_of`). The
